@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= cpu
 BENCH_ARGS ?=
-DPBENCH := $(PY) -m dpbench.cli
+DPBENCH := $(PY) -m dpbench
 
 .DEFAULT_GOAL := help
 .PHONY: help venv reproduce test report compare bench list

@@ -2,6 +2,6 @@
 
 import sys
 
-from dpbench.cli import main
+from dpbench.workbench.cli import main
 
 sys.exit(main())

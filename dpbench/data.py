@@ -312,7 +312,7 @@ def batches(dataset: ImageDataset, batch_size: int, shuffle: bool = False, seed:
     """Yield normalised (x, y) batches over `dataset` without a DataLoader (for evaluation).
 
     Every example appears exactly once; with `shuffle` the order is a permutation seeded by
-    `seed`. Not a private sampler: DP training uses Poisson sampling (dpbench.sampling).
+    `seed`. Not a private sampler: DP training uses Poisson sampling (dpbench.training.sampling).
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")

@@ -651,7 +651,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict | 
     """
     from safetensors.torch import save
 
-    from dpbench.results import write_atomic
+    from dpbench.atomic import write_atomic
 
     path = Path(path)
     if path.suffix != ".safetensors":

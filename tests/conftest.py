@@ -52,7 +52,7 @@ dataset = "digits"
 
 # Writes a tidy metrics.csv and one figure; raises on request so tests can see a failure.
 TINY_BODY = '''import os
-from dpbench.results import Recorder
+from dpbench.workbench.results import Recorder
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -67,9 +67,9 @@ rec.figure(fig, "line")
 rec.save()
 '''
 
-# Reads the upstream's metrics through dpbench.runner.upstream_dir and records their count.
-DOWN_BODY = '''from dpbench.results import Recorder, load_metrics
-from dpbench.runner import upstream_dir
+# Reads the upstream's metrics through dpbench.workbench.runner.upstream_dir and records their count.
+DOWN_BODY = '''from dpbench.workbench.results import Recorder, load_metrics
+from dpbench.workbench.runner import upstream_dir
 up = upstream_dir(profile, "00_tiny")
 rec = Recorder(output_dir, experiment="01_down")
 rec.add("upstream_rows", len(load_metrics(up)), seed=seed)

@@ -1,4 +1,4 @@
-"""Tests for dpbench.accounting: against Opacus's RDP accountant (an independent
+"""Tests for dpbench.privacy.accounting: against Opacus's RDP accountant (an independent
 implementation), the exact Gaussian mechanism, PLD <= RDP, inversion and the ledger."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from dpbench import accounting as A
+from dpbench.privacy import accounting as A
 from dpbench.errors import UserError
 
 SETTINGS = [  # (sigma, q, steps)
@@ -23,7 +23,7 @@ SETTINGS = [  # (sigma, q, steps)
 
 
 def test_import_does_not_load_dp_accounting():
-    code = "import sys, dpbench.accounting; assert 'dp_accounting' not in sys.modules; assert 'scipy' not in sys.modules"
+    code = "import sys, dpbench.privacy.accounting; assert 'dp_accounting' not in sys.modules; assert 'scipy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -276,7 +276,7 @@ def test_ledger_validates():
 
 
 def test_curve_helpers():
-    from dpbench import accounting_plots as ap
+    from dpbench.experiments import privacy_accounting as ap
 
     assert ap.log_grid(10, 1000, 3, integer=True) == [10, 100, 1000]
     assert ap.steps_for_epochs(10, 0.01) == 1000
@@ -288,7 +288,7 @@ def test_curve_helpers():
 
 
 def test_local_slopes_catch_a_rise_that_the_fitted_slope_hides():
-    from dpbench import accounting_plots as ap
+    from dpbench.experiments import privacy_accounting as ap
 
     # unsorted input; falls 1/B, then rises by a factor 2 over the last decade
     xs, ys = [100, 1, 10, 1000], [0.1, 10.0, 1.0, 0.2]
@@ -307,7 +307,7 @@ def test_notebook_curves_and_figures():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dpbench import accounting_plots as ap
+    from dpbench.experiments import privacy_accounting as ap
 
     rows1 = ap.epsilon_vs_steps([1.0], 0.05, [10, 100], 1e-5, ["rdp", "pld"], progress=False)
     assert len(rows1) == 4

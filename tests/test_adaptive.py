@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dpbench import accounting
+from dpbench.privacy import accounting
 from dpbench.clipping import ClippingEngine
 from dpbench.clipping.adaptive import (
     AdaptiveClipping, adaptive_noise, centered_count, fit_adaptive, noisy_fractions, renormalize,
@@ -149,7 +149,7 @@ def test_optimizer_with_the_full_sigma_is_refused():
     x, y = torch.randn(50, 4), torch.randint(0, 2, (50,))
     engine = ClippingEngine(model, style="layer")
     ad = AdaptiveClipping(engine, noise_multiplier=1.0, expected_batch_size=10, seed=0)
-    from dpbench.train import fit
+    from dpbench.training.loop import fit
 
     with pytest.raises(UserError, match="gradient_noise_multiplier"):
         fit(model, (x, y), engine=engine, noise_multiplier=1.0, steps=2, sample_rate=0.2, callbacks=[ad],

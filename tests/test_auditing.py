@@ -1,4 +1,4 @@
-"""Tests of dpbench.auditing: the statistics against known values and the papers' formulas,
+"""Tests of dpbench.training.audit_runs: the statistics against known values and the papers' formulas,
 and the mechanism audit (real ClippingEngine + DPOptimizer) catching the noise-off fault."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpbench import auditing as A
+from dpbench.privacy import audit_bounds as B
+from dpbench.training import audit_runs as A
 from dpbench.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,57 +22,57 @@ REPO = Path(__file__).resolve().parents[1]
 def test_clopper_pearson_zero_of_hundred_known_values():
     # Known values (statsmodels proportion_confint(0, 100, method="beta") and the closed form
     # 1 - (alpha)^(1/n) for k = 0): one-sided 95% upper 0.0295, two-sided 95% upper 0.0362.
-    lo, hi = A.clopper_pearson(0, 100, 0.95, side="upper")
+    lo, hi = B.clopper_pearson(0, 100, 0.95, side="upper")
     assert lo == 0.0 and hi == pytest.approx(0.029513, abs=2e-6)
     assert hi == pytest.approx(1 - 0.05 ** (1 / 100), rel=1e-9)
-    lo, hi = A.clopper_pearson(0, 100, 0.95)
+    lo, hi = B.clopper_pearson(0, 100, 0.95)
     assert lo == 0.0 and hi == pytest.approx(0.036217, abs=2e-6)
     assert hi == pytest.approx(1 - 0.025 ** (1 / 100), rel=1e-9)
 
 
 def test_clopper_pearson_interior_known_values():
     # statsmodels proportion_confint(5, 100, alpha=0.05, method="beta") = (0.016431, 0.112835)
-    lo, hi = A.clopper_pearson(5, 100, 0.95)
+    lo, hi = B.clopper_pearson(5, 100, 0.95)
     assert lo == pytest.approx(0.016431, abs=2e-6) and hi == pytest.approx(0.112835, abs=2e-6)
     # symmetric case, and the k = n edge mirrors k = 0
-    lo, hi = A.clopper_pearson(50, 100)
+    lo, hi = B.clopper_pearson(50, 100)
     assert lo == pytest.approx(1 - hi, abs=1e-12)
-    lo, hi = A.clopper_pearson(100, 100, side="lower")
+    lo, hi = B.clopper_pearson(100, 100, side="lower")
     assert hi == 1.0 and lo == pytest.approx(0.05 ** (1 / 100), rel=1e-9)
     # vectorised
-    lo, hi = A.clopper_pearson(np.array([0, 5]), np.array([100, 100]))
+    lo, hi = B.clopper_pearson(np.array([0, 5]), np.array([100, 100]))
     assert hi[0] == pytest.approx(0.036217, abs=2e-6) and lo[1] == pytest.approx(0.016431, abs=2e-6)
 
 
 def test_clopper_pearson_rejects_bad_counts():
     with pytest.raises(UserError):
-        A.clopper_pearson(5, 3)
+        B.clopper_pearson(5, 3)
     with pytest.raises(UserError):
-        A.clopper_pearson(1, 10, confidence=1.5)
+        B.clopper_pearson(1, 10, confidence=1.5)
 
 
 # ---------------------------------------------------------------------------- rates -> epsilon
 
 
 def test_epsilon_from_rates_both_directions_and_delta():
-    assert A.epsilon_from_rates(0.01, 0.5) == pytest.approx(math.log(0.5 / 0.01))
-    assert A.epsilon_from_rates(0.5, 0.01) == pytest.approx(math.log(0.5 / 0.01))
-    assert A.epsilon_from_rates(0.01, 0.5, delta=0.1) == pytest.approx(math.log(0.4 / 0.01))
-    assert A.epsilon_from_rates(0.6, 0.6) == 0.0  # no information -> 0, never negative
+    assert B.epsilon_from_rates(0.01, 0.5) == pytest.approx(math.log(0.5 / 0.01))
+    assert B.epsilon_from_rates(0.5, 0.01) == pytest.approx(math.log(0.5 / 0.01))
+    assert B.epsilon_from_rates(0.01, 0.5, delta=0.1) == pytest.approx(math.log(0.4 / 0.01))
+    assert B.epsilon_from_rates(0.6, 0.6) == 0.0  # no information -> 0, never negative
 
 
 @pytest.mark.parametrize("n, expected", [(100, 3.3), (1_000, 5.6), (10_000, 7.9)])
 def test_trial_ceiling_values(n, expected):
     # a perfect attack certifies about 3.3 / 5.6 / 7.9 with 100 / 1,000 / 10,000 per side
-    assert round(A.trial_ceiling(n), 1) == expected
+    assert round(B.trial_ceiling(n), 1) == expected
 
 
 def test_trial_ceiling_is_reached_by_a_perfect_attack_and_not_exceeded():
     members = np.arange(2000) % 2 == 0
     scores = members.astype(float)
-    b = A.epsilon_lower_bound(scores, members, selection="split", seed=3)
+    b = B.epsilon_lower_bound(scores, members, selection="split", seed=3)
     assert b.fp == 0 and b.fn == 0
-    assert b.epsilon == pytest.approx(A.trial_ceiling(b.n_in, b.n_out))
+    assert b.epsilon == pytest.approx(B.trial_ceiling(b.n_in, b.n_out))
     assert b.epsilon == pytest.approx(b.ceiling)
 
 
@@ -92,10 +93,10 @@ def test_many_trials_bound_is_valid_and_has_power():
     over = 0
     for rep in range(100):
         s, m = _randomized_response(eps, 1000, rng)
-        over += A.epsilon_lower_bound(s, m, seed=rep).epsilon > eps
+        over += B.epsilon_lower_bound(s, m, seed=rep).epsilon > eps
     assert over <= 10  # <= 5% expected; 10 leaves room for chance
     s, m = _randomized_response(eps, 40_000, rng)
-    assert 0.8 * eps < A.epsilon_lower_bound(s, m).epsilon <= eps
+    assert 0.8 * eps < B.epsilon_lower_bound(s, m).epsilon <= eps
 
 
 def test_split_selection_does_not_invent_leakage_from_noise():
@@ -106,19 +107,19 @@ def test_split_selection_does_not_invent_leakage_from_noise():
     for rep in range(100):
         m = rng.random(600) < 0.5
         s = {"a": rng.normal(size=600), "b": rng.normal(size=600)}
-        positive += A.epsilon_lower_bound(s, m, seed=rep).epsilon > 0
+        positive += B.epsilon_lower_bound(s, m, seed=rep).epsilon > 0
     assert positive <= 10
 
 
 def test_bonferroni_selection_with_fixed_thresholds():
     m = np.arange(1000) % 2 == 0
     s = m.astype(float)
-    b = A.epsilon_lower_bound(s, m, selection="bonferroni", thresholds=[0.5])
-    assert b.epsilon == pytest.approx(A.trial_ceiling(500))
-    b10 = A.epsilon_lower_bound(s, m, selection="bonferroni", thresholds=np.linspace(-1, 2, 10) + 0.01)
+    b = B.epsilon_lower_bound(s, m, selection="bonferroni", thresholds=[0.5])
+    assert b.epsilon == pytest.approx(B.trial_ceiling(500))
+    b10 = B.epsilon_lower_bound(s, m, selection="bonferroni", thresholds=np.linspace(-1, 2, 10) + 0.01)
     assert b10.epsilon < b.epsilon  # paying for ten comparisons
     with pytest.raises(UserError):
-        A.epsilon_lower_bound(s, m, selection="bonferroni")
+        B.epsilon_lower_bound(s, m, selection="bonferroni")
 
 
 # ---------------------------------------------------------------------------- one run (Steinke et al.)
@@ -159,37 +160,37 @@ def test_one_run_bound_matches_paper_formula_on_simulated_guesses(delta):
     p = math.exp(eps_true) / (1 + math.exp(eps_true))
     for r in (50, 200, 1000):
         v = int((rng.random(r) < p).sum())  # an eps_true-DP guesser's correct guesses
-        ours = A.one_run_epsilon(m, r, v, 0.95, delta)
+        ours = B.one_run_epsilon(m, r, v, 0.95, delta)
         ref = _paper_epsilon(m, r, v, 0.95, delta)
         assert ours == pytest.approx(ref, abs=1e-6)
-        assert A.one_run_p_value(m, r, v, 1.3, delta) == pytest.approx(_paper_p_value(m, r, v, 1.3, delta), rel=1e-9)
+        assert B.one_run_p_value(m, r, v, 1.3, delta) == pytest.approx(_paper_p_value(m, r, v, 1.3, delta), rel=1e-9)
 
 
 def test_one_run_bound_is_valid_for_randomized_response():
     rng = np.random.default_rng(3)
     eps = 1.0
     p = math.exp(eps) / (1 + math.exp(eps))
-    over = sum(A.one_run_epsilon(1000, 500, int((rng.random(500) < p).sum()), 0.95) > eps for _ in range(400))
+    over = sum(B.one_run_epsilon(1000, 500, int((rng.random(500) < p).sum()), 0.95) > eps for _ in range(400))
     assert over <= 30  # 5% of 400 = 20 expected at most
 
 
 def test_one_run_audit_on_scores():
     rng = np.random.default_rng(4)
     m = rng.random(2000) < 0.5
-    perfect = A.one_run_audit(m.astype(float), m, delta=1e-5)
+    perfect = B.one_run_audit(m.astype(float), m, delta=1e-5)
     assert perfect.correct == perfect.guesses and perfect.epsilon > 3
-    noise = A.one_run_audit(rng.normal(size=2000), m, delta=1e-5)
+    noise = B.one_run_audit(rng.normal(size=2000), m, delta=1e-5)
     assert noise.epsilon < 0.5
     with pytest.raises(UserError):
-        A.one_run_epsilon(10, 5, 6)
+        B.one_run_epsilon(10, 5, 6)
 
 
 def test_roc_curve_auc():
     m = np.arange(100) % 2 == 0
-    fpr, tpr, auc = A.roc_curve(m.astype(float), m)
+    fpr, tpr, auc = B.roc_curve(m.astype(float), m)
     assert auc == pytest.approx(1.0) and fpr[0] == 0 and tpr[-1] == 1
     rng = np.random.default_rng(5)
-    _, _, auc = A.roc_curve(rng.normal(size=20000), rng.random(20000) < 0.5)
+    _, _, auc = B.roc_curve(rng.normal(size=20000), rng.random(20000) < 0.5)
     assert auc == pytest.approx(0.5, abs=0.02)
 
 

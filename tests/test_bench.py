@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from dpbench import bench
+from dpbench.training import bench
 from dpbench.errors import UserError
 
 
@@ -59,7 +59,7 @@ def test_a_failing_cell_says_why():
 
 
 def test_cli_returns_zero_and_prints_a_table(tmp_path, capsys):
-    from dpbench.cli import main
+    from dpbench.workbench.cli import main
 
     path = tmp_path / "rows.json"
     code = main(["bench", "--profile", "quick", "--no-isolate", "--methods", "nonprivate", "instantiate",
@@ -79,7 +79,7 @@ def test_bad_input():
         bench.profile_cells("quick", methods=["fastest"])
     with pytest.raises(UserError, match="repeats"):
         bench.profile_cells("quick", repeats=0)
-    from dpbench.cli import main
+    from dpbench.workbench.cli import main
 
     assert main(["bench", "--profile", "quick", "--methods", "fastest"]) == 2
 

@@ -11,8 +11,8 @@ import pytest
 from conftest import tree_snapshot
 
 import dpbench
-from dpbench import runner
-from dpbench.cli import main
+from dpbench.workbench import runner
+from dpbench.workbench.cli import main
 from dpbench.errors import UserError
 
 
@@ -134,10 +134,10 @@ def test_list_shows_profiles_and_status(fake_repo, capsys):
 
 def test_bench_is_delegated_lazily(monkeypatch, capsys):
     seen = {}
-    fake = types.ModuleType("dpbench.bench")
+    fake = types.ModuleType("dpbench.training.bench")
     fake.add_cli_arguments = lambda parser: parser.add_argument("--profile", required=True)
     fake.cli = lambda args: seen.setdefault("profile", args.profile) and 0
-    monkeypatch.setitem(sys.modules, "dpbench.bench", fake)
+    monkeypatch.setitem(sys.modules, "dpbench.training.bench", fake)
     monkeypatch.setattr(dpbench, "bench", fake, raising=False)
     assert main(["bench", "--profile", "cpu"]) == 0
     assert seen == {"profile": "cpu"}
@@ -146,17 +146,17 @@ def test_bench_is_delegated_lazily(monkeypatch, capsys):
 
 
 def test_bench_missing_module_is_a_clear_error(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "dpbench.bench", None)  # import raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "dpbench.training.bench", None)  # import raises ModuleNotFoundError
     monkeypatch.delattr(dpbench, "bench", raising=False)
     assert main(["bench", "--profile", "cpu"]) == 2
-    assert "dpbench/bench.py is missing" in capsys.readouterr().err
+    assert "dpbench/training/bench.py is missing" in capsys.readouterr().err
 
 
 def test_parser_and_runner_import_no_heavy_modules():
     # Whatever `import dpbench` itself needs is allowed; the CLI and runner add nothing heavy.
     code = (
         "import sys, dpbench; base = set(sys.modules); "
-        "from dpbench.cli import build_parser; import dpbench.runner, dpbench.report; "
+        "from dpbench.workbench.cli import build_parser; import dpbench.workbench.runner, dpbench.workbench.report; "
         "build_parser().parse_args(['run', 'x', '--profile', 'cpu']); "
         "heavy = ('torch', 'papermill', 'yaml', 'pandas', 'matplotlib', 'timm', 'dp_accounting'); "
         "print(sorted(m for m in heavy if m in sys.modules and m not in base))"

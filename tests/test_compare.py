@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dpbench import compare as C
-from dpbench.cli import main
+from dpbench.workbench import compare as C
+from dpbench.workbench.cli import main
 from dpbench.errors import UserError
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dpbench import crossover as cx
+from dpbench.experiments import clipping_efficiency as cx
 from dpbench.errors import UserError
-from dpbench.results import Recorder
+from dpbench.workbench.results import Recorder
 
 
 def test_predicted_crossover_is_where_2T2_equals_pD():

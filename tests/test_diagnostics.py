@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpbench import diagnostics as D
+from dpbench.training import diagnostics as D
 from dpbench.errors import UserError
 
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 
 from dpbench.clipping import ClippingEngine
-from dpbench.distributed import free_port, share_seed
-from dpbench.pipeline import stage_name, stage_placement
-from dpbench.train import fit
+from dpbench.training.distributed import free_port, share_seed
+from dpbench.training.pipeline import stage_name, stage_placement
+from dpbench.training.loop import fit
 
 WORLD = 2
 METHODS = ("instantiate", "ghost", "mixed", "bk")
@@ -71,8 +71,8 @@ class _NoiseEngine:
 def _worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from dpbench.distributed import DataParallel
-    from dpbench.pipeline import P2P, PipelineDP
+    from dpbench.training.distributed import DataParallel
+    from dpbench.training.pipeline import P2P, PipelineDP
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
@@ -191,7 +191,7 @@ def test_noise_variance_sums_to_sigma2_c2(ranks, mode):
 
 
 def test_rank0_noise_is_the_single_process_stream(ranks):
-    from dpbench.optim import DPOptimizer
+    from dpbench.training.optimizer import DPOptimizer
 
     eng = _NoiseEngine()
     opt = DPOptimizer(torch.optim.SGD([eng.p], lr=0.0), eng, SIGMA, 1.0, seed=5)
@@ -226,7 +226,7 @@ def test_pipeline_per_device_clipping_equals_single_process_device_style(ranks, 
 
 
 def test_pipeline_sends_only_activations_and_their_gradients(ranks):
-    from dpbench.sampling import PoissonSampler, split_physical
+    from dpbench.training.sampling import PoissonSampler, split_physical
 
     x, y = _data()
     chunks = [len(c) for b in PoissonSampler(len(y), Q, STEPS, seed=0) for c in split_physical(b, PHYS)]
@@ -263,14 +263,14 @@ def test_dpbench_train_nproc_2_end_to_end(tmp_path, monkeypatch):
            "fit": {"steps": 2, "expected_batch_size": 16, "noise_multiplier": 1.0, "delta": 1e-3}}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    from dpbench.cli import main
+    from dpbench.workbench.cli import main
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert main(["train", str(path), "--nproc", "2"]) == 0  # in-process CLI; torchrun underneath
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["backend"] == "gloo"
     assert manifest["ledger"]["world_size"] == 2
-    from dpbench.results import load_metrics
+    from dpbench.workbench.results import load_metrics
 
     df = load_metrics(out)
     assert set(df["world_size"]) == {2}
@@ -279,7 +279,7 @@ def test_dpbench_train_nproc_2_end_to_end(tmp_path, monkeypatch):
 
 def test_launcher_rejects_bad_config(tmp_path):
     from dpbench.errors import UserError
-    from dpbench.launch import check_config, torchrun_command
+    from dpbench.workbench.launch import check_config, torchrun_command
 
     with pytest.raises(UserError, match="unknown config keys"):
         check_config({"modle": "mlp"})
@@ -287,7 +287,7 @@ def test_launcher_rejects_bad_config(tmp_path):
         check_config({"fit": {"distributed": 1}})
     cmd = torchrun_command("c.yaml", 4)
     assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-                       "-m", "dpbench.distributed", "c.yaml"]
+                       "-m", "dpbench.training.distributed", "c.yaml"]
 
 
 def test_callbacks_are_refused_under_data_parallel():
@@ -296,7 +296,7 @@ def test_callbacks_are_refused_under_data_parallel():
     import torch
 
     from dpbench.errors import UserError
-    from dpbench.train import fit
+    from dpbench.training.loop import fit
 
     class _FakeDistributed:
         rank, world_size = 0, 2

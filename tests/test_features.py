@@ -2,7 +2,7 @@
 
 import torch
 
-from dpbench import features as F
+from dpbench.training import features as F
 from dpbench.errors import UserError
 
 import pytest

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpbench import linear as L
+from dpbench.training import linear as L
 from dpbench.errors import UserError
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dpbench import accounting, mixing
+from dpbench.privacy import accounting
+from dpbench.training import mixing
 from dpbench.errors import UserError
 
 

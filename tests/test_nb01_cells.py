@@ -1,7 +1,7 @@
 """Notebook 01's metrics hold every (model, method) cell: measured, or failed with a reason.
 
-Runs the functions the notebook runs (dpbench.crossover.notebook_cells ->
-dpbench.bench.run_benchmark -> dpbench.crossover.record_bench_rows) on the smoke profile's
+Runs the functions the notebook runs (dpbench.experiments.clipping_efficiency.notebook_cells ->
+dpbench.training.bench.run_benchmark -> dpbench.experiments.clipping_efficiency.record_bench_rows) on the smoke profile's
 settings, in-process, and checks the tidy frame. The cpu and gpu profiles are checked
 statically: their cells cover every method of the issue and the gpu models it names."""
 
@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from dpbench import bench, crossover as cx, runner
-from dpbench.results import Recorder
+from dpbench.training import bench
+from dpbench.experiments import clipping_efficiency as cx
+from dpbench.workbench import runner
+from dpbench.workbench.results import Recorder
 
 REPO = Path(__file__).resolve().parents[1]
 NB = "01_clipping_efficiency"

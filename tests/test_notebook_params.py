@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dpbench import runner
+from dpbench.workbench import runner
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dpbench.errors import UserError
-from dpbench.optim import DPOptimizer, LogicalBatching, secure_gaussian
+from dpbench.training.optimizer import DPOptimizer, LogicalBatching, secure_gaussian
 
 
 class NaiveEngine:

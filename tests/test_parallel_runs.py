@@ -12,11 +12,11 @@ import os
 import pytest
 
 from conftest import write_notebook
-from dpbench import runner
+from dpbench.workbench import runner
 
 PARAMS = 'profile = "smoke"\noutput_dir = ""\nseed = 0\ndevice = "cpu"\nsleep = 0.0\nfail = False\n'
 PROBE = '''import json, os, time
-from dpbench.results import Recorder
+from dpbench.workbench.results import Recorder
 t0 = time.time()
 time.sleep(sleep)
 if fail:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from dpbench import report, verdicts
-from dpbench.cli import main
+from dpbench.workbench import report
+from dpbench.workbench import verdicts
+from dpbench.workbench.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from dpbench import report
+from dpbench.workbench import report
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "results" / "test-artifacts"  # git-ignored (results/*)

@@ -2,7 +2,7 @@
 
 The fake repository (see conftest.fake_repo) has a tiny notebook 00_tiny that writes a
 metrics.csv and a figure, and 01_down that reads 00_tiny's results through
-`dpbench.runner.upstream_dir`. A few tests execute them for real with papermill.
+`dpbench.workbench.runner.upstream_dir`. A few tests execute them for real with papermill.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import json
 import pytest
 from conftest import read_json, tree_snapshot, write_notebook
 
-from dpbench import runner
-from dpbench.cli import main
+from dpbench.workbench import runner
+from dpbench.workbench.cli import main
 from dpbench.errors import UserError
-from dpbench.results import COLUMNS, load_metrics
+from dpbench.workbench.results import COLUMNS, load_metrics
 
 # ---------------------------------------------------------------- parameters (no kernel)
 

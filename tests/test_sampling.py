@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dpbench.errors import UserError
-from dpbench.sampling import (
+from dpbench.training.sampling import (
     PoissonSampler,
     ShuffledSampler,
     inclusion_uniforms,

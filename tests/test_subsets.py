@@ -119,7 +119,7 @@ def test_apply_subset_sets_requires_grad(resnet):
 ])
 def test_frozen_parameters_unchanged_after_dp_training(name, subset, kw, size):
     """DP fine-tuning through the shared loop (engine + DPOptimizer) never moves a frozen weight."""
-    from dpbench.train import fit
+    from dpbench.training.loop import fit
 
     torch.manual_seed(0)
     model = M.create_model(name, 4, zero_head=False, **kw)

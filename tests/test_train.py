@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from dpbench import accounting
+from dpbench.privacy import accounting
 from dpbench.errors import UserError
-from dpbench.train import TrainResult, evaluate, fit
+from dpbench.training.loop import TrainResult, evaluate, fit
 
 
 def blobs(n=600, d=10, k=4, seed=0):
@@ -130,7 +130,7 @@ def test_fault_sample_rate_is_what_the_ledger_records():
 
 
 def test_recorder_rows(tmp_path):
-    from dpbench.results import Recorder
+    from dpbench.workbench.results import Recorder
 
     rec = Recorder(tmp_path, experiment="t")
     fit(mlp(), TRAIN, test_data=TEST, steps=10, sample_rate=0.1, noise_multiplier=1.0, progress=False,

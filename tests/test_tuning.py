@@ -1,4 +1,4 @@
-"""Tests for dpbench.tuning: Papernot & Steinke (2022) private selection and its accounting."""
+"""Tests for dpbench.privacy.selection: Papernot & Steinke (2022) private selection and its accounting."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from dpbench import accounting, tuning as T
+from dpbench.privacy import accounting
+from dpbench.privacy import selection as T
 from dpbench.errors import UserError
 
 SIGMA = 3.0

@@ -1,4 +1,4 @@
-"""The verdict rules (dpbench.verdicts) and the paper values they are applied to."""
+"""The verdict rules (dpbench.workbench.verdicts) and the paper values they are applied to."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dpbench import verdicts as V
-from dpbench.verdicts import (NOT_REPRODUCED, NOT_RESOLVED, NOT_RUN, REPRODUCED_QUALITATIVELY,
+from dpbench.workbench import verdicts as V
+from dpbench.workbench.verdicts import (NOT_REPRODUCED, NOT_RESOLVED, NOT_RUN, REPRODUCED_QUALITATIVELY,
                               REPRODUCED_WITHIN_TOLERANCE, Estimate)
 
 REFERENCES = Path(__file__).resolve().parents[1] / "references" / "paper_values.csv"

@@ -28,7 +28,7 @@ counts as two separately sampled mechanisms (`separate_events_epsilon`) pretends
 counts saw an independent sample; it gives a smaller, wrong epsilon.
 
 To spend exactly the budget of plain DP-SGD with noise multiplier sigma (the accountant's
-sigma for the target epsilon), `dpbench.accounting.split_noise_for_counts` gives the counts
+sigma for the target epsilon), `dpbench.privacy.accounting.split_noise_for_counts` gives the counts
 the fraction r of the 1/sigma^2 budget: sigma_g = sigma / sqrt(1 - r) (what the optimizer
 must add), sigma_b = sqrt(K) sigma / (2 sqrt(r)); then sigma_eff == sigma.
 
@@ -103,7 +103,7 @@ def adaptive_noise(noise_multiplier: float, num_groups: int, count_fraction: flo
     adds); sigma_b is the std of each centred count's noise. Checked so that the combined
     one-step mechanism has exactly the multiplier `noise_multiplier` the ledger records.
     """
-    from dpbench import accounting
+    from dpbench.privacy import accounting
 
     sigma_g, sigma_b = accounting.split_noise_for_counts(noise_multiplier, num_groups, count_fraction)
     eff = accounting.combined_noise_multiplier(sigma_g, sigma_b, num_groups)
@@ -122,7 +122,7 @@ def separate_events_epsilon(sigma_g: float, sigma_b: float, num_groups: int, sam
     so this accounting understates epsilon; the correct value is
     `epsilon(combined_noise_multiplier(sigma_g, sigma_b, K), q, steps)`.
     """
-    from dpbench import accounting
+    from dpbench.privacy import accounting
 
     sigma_counts = 2.0 * float(sigma_b) / math.sqrt(int(num_groups))
     return accounting.sampled_composition_epsilon(
@@ -135,7 +135,7 @@ def separate_events_epsilon(sigma_g: float, sigma_b: float, num_groups: int, sam
 class AdaptiveClipping:
     """Per-step private quantile tracking of a ClippingEngine's group thresholds.
 
-    Use it as a `dpbench.train.fit` callback (it reads the per-sample norms of the step's
+    Use it as a `dpbench.training.loop.fit` callback (it reads the per-sample norms of the step's
     logical batch from `StepInfo.norms` and sets the engine's thresholds for the next step),
     or call `update(norms)` yourself after each optimizer step.
 
@@ -149,7 +149,7 @@ class AdaptiveClipping:
         renormalize: keep sqrt(sum C_k^2) fixed at `total` (default: its initial value).
         total: the fixed total for `renormalize`.
         seed: seed of the count-noise generator (None: random); `secure_rng=True` draws the
-            noise from the OS CSPRNG instead (dpbench.optim.secure_gaussian).
+            noise from the OS CSPRNG instead (dpbench.training.optimizer.secure_gaussian).
         min_threshold: floor on every threshold (all-zero gradients would shrink it forever).
     """
 
@@ -208,7 +208,7 @@ class AdaptiveClipping:
     def _count_noise(self) -> dict[str, float]:
         k = len(self.groups)
         if self.secure_rng:
-            from dpbench.optim import secure_gaussian
+            from dpbench.training.optimizer import secure_gaussian
 
             z = secure_gaussian((k,), dtype=torch.float64)
         else:
@@ -225,7 +225,7 @@ class AdaptiveClipping:
         if s is not None and float(s) < self.sigma_g * (1 - 1e-9):
             raise UserError(f"the optimizer adds noise multiplier {float(s):.6g} but adaptive clipping spends part "
                             f"of the budget on counts and needs sigma_g = {self.sigma_g:.6g} on the gradient; pass "
-                            f"gradient_noise_multiplier=adaptive.sigma_g to dpbench.train.fit")
+                            f"gradient_noise_multiplier=adaptive.sigma_g to dpbench.training.loop.fit")
 
     # -- the step
     def update(self, norms: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -255,7 +255,7 @@ class AdaptiveClipping:
         return new
 
     def __call__(self, info: Any) -> None:
-        """`dpbench.train.fit` callback: update from `info.norms` after each logical step."""
+        """`dpbench.training.loop.fit` callback: update from `info.norms` after each logical step."""
         if not self._checked_optimizer:
             self.check_optimizer(info.optimizer)
             if info.engine is not None and info.engine is not self.engine:
@@ -290,7 +290,7 @@ def fit_adaptive(model: torch.nn.Module, train_data: Any, *, target_quantile: fl
                  expected_batch_size: float | None = None, delta: float = 1e-5, accountant: str = "rdp",
                  seed: int = 0, secure_rng: bool = False, callbacks: Iterable[Callable] = (),
                  **fit_kwargs: Any):
-    """`dpbench.train.fit` with adaptive thresholds; returns (TrainResult, AdaptiveClipping).
+    """`dpbench.training.loop.fit` with adaptive thresholds; returns (TrainResult, AdaptiveClipping).
 
     Builds the ClippingEngine (`clip_style`, `max_grad_norm` (initial thresholds
     C/sqrt(K)), `clip_method`, `engine_kwargs`), takes sigma from `noise_multiplier` or
@@ -298,16 +298,16 @@ def fit_adaptive(model: torch.nn.Module, train_data: Any, *, target_quantile: fl
     gradient noise sigma_g while the ledger records one Poisson-sampled Gaussian with sigma
     per step. Other keyword arguments go to `fit` unchanged.
     """
-    from dpbench import accounting
+    from dpbench.privacy import accounting
     from dpbench.clipping import ClippingEngine
-    from dpbench.sampling import steps_for_epochs
-    from dpbench.train import as_tensors, fit
+    from dpbench.training.sampling import steps_for_epochs
+    from dpbench.training.loop import as_tensors, fit
 
     if clip_fn != "abadi":
         raise UserError(f"adaptive thresholds need clip_fn='abadi', got {clip_fn!r}: automatic clipping has no "
                         "threshold quantile to track; use clip_fn='abadi' or train without adaptation")
     if fit_kwargs.get("private", True) is False:
-        raise UserError("adaptive clipping is for private training; call dpbench.train.fit(private=False) instead")
+        raise UserError("adaptive clipping is for private training; call dpbench.training.loop.fit(private=False) instead")
     for key in ("engine", "gradient_noise_multiplier"):
         if key in fit_kwargs:
             raise UserError(f"fit_adaptive sets {key} itself; build AdaptiveClipping and call fit for custom set-ups")
@@ -329,7 +329,7 @@ def fit_adaptive(model: torch.nn.Module, train_data: Any, *, target_quantile: fl
 
     device = fit_kwargs.get("device", "cpu")
     if device is not None:
-        from dpbench.train import resolve_device
+        from dpbench.training.loop import resolve_device
 
         model.to(resolve_device(device))
     engine = ClippingEngine(model, max_grad_norm=max_grad_norm, method=clip_method, style=clip_style,

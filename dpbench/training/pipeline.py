@@ -37,8 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dpbench.errors import UserError
-from dpbench.optim import DPOptimizer
-from dpbench.sampling import PoissonSampler
+from dpbench.training.optimizer import DPOptimizer
+from dpbench.training.sampling import PoissonSampler
 
 
 class P2P:
@@ -127,11 +127,11 @@ class PipelineDP:
                  clip_fn: str = "abadi", gamma: float = 0.01, device: str | torch.device = "cpu",
                  group: Any = None, transport: P2P | None = None, secure_rng: bool = False):
         from dpbench.clipping import ClippingEngine
-        from dpbench.distributed import share_seed
-        from dpbench.train import make_optimizer
+        from dpbench.training.distributed import share_seed
+        from dpbench.training.loop import make_optimizer
 
         if not dist.is_available() or not dist.is_initialized():
-            raise UserError("torch.distributed is not initialised; call dpbench.distributed.init_from_env() first")
+            raise UserError("torch.distributed is not initialised; call dpbench.training.distributed.init_from_env() first")
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         K = len(stages)
         if K != self.world_size:

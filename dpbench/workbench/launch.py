@@ -2,16 +2,16 @@
 
 `dpbench train` starts torchrun underneath:
 
-    python -m torch.distributed.run --standalone --nproc-per-node N -m dpbench.distributed CONFIG.yaml
+    python -m torch.distributed.run --standalone --nproc-per-node N -m dpbench.training.distributed CONFIG.yaml
 
-and every rank runs `dpbench.distributed.run_config`: data set and model from the config,
-`dpbench.train.fit(..., distributed=DataParallel)`, rank 0 writes `metrics.csv`,
+and every rank runs `dpbench.training.distributed.run_config`: data set and model from the config,
+`dpbench.training.loop.fit(..., distributed=DataParallel)`, rank 0 writes `metrics.csv`,
 `ledger.json` and `manifest.json` (world size, backend, resolved config, ledger,
 environment) to `output_dir`.
 
 A notebook launches a multi-process run and reads its metrics back with
 
-    from dpbench.launch import run_distributed
+    from dpbench.workbench.launch import run_distributed
     df = run_distributed({"dataset": "digits", "model": "mlp",
                           "fit": {"steps": 50, "expected_batch_size": 64, "noise_multiplier": 1.0}},
                          nproc=2)
@@ -19,7 +19,7 @@ A notebook launches a multi-process run and reads its metrics back with
 Config keys (YAML mapping): dataset (default "digits"), dataset_kwargs, model (default
 "mlp"), model_kwargs, device ("cpu" -> gloo; "cuda" -> NCCL, one GPU per rank), dtype
 ("float32" | "float64"), seed, noise ("rank0" | "shares"), backend (None = automatic),
-evaluate (bool), output_dir, name, and `fit`: keyword arguments of `dpbench.train.fit`
+evaluate (bool), output_dir, name, and `fit`: keyword arguments of `dpbench.training.loop.fit`
 (steps or epochs, sample_rate or expected_batch_size, noise_multiplier or target_epsilon,
 max_grad_norm, clip_method, clip_style, lr, optimizer, max_physical_batch, delta, ...).
 """
@@ -69,7 +69,7 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
     cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULTS.items()}
     cfg.update({k: v for k, v in config.items() if v is not None or k in ("backend", "output_dir")})
     if not isinstance(cfg["fit"], dict):
-        raise UserError("config key `fit` must be a mapping of dpbench.train.fit arguments")
+        raise UserError("config key `fit` must be a mapping of dpbench.training.loop.fit arguments")
     bad = [k for k in cfg["fit"] if k in _RESERVED_FIT]
     if bad:
         raise UserError(f"fit keys {bad} are set by the launcher; use the top-level config keys instead")
@@ -85,8 +85,9 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def write_outputs(cfg: dict[str, Any], result: Any, *, world_size: int, backend: str) -> Path:
     """metrics.csv, ledger.json and manifest.json of one distributed run (rank 0 only)."""
-    from dpbench import provenance
-    from dpbench.results import Recorder, write_json_atomic
+    from dpbench.workbench import provenance
+    from dpbench.atomic import write_json_atomic
+    from dpbench.workbench.results import Recorder
 
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +115,7 @@ def torchrun_command(config_path: str | os.PathLike, nproc: int, extra: list[str
     if int(nproc) != nproc or nproc < 1:
         raise UserError(f"--nproc must be a positive integer, got {nproc!r}")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(int(nproc)),
-            *(extra or []), "-m", "dpbench.distributed", str(config_path)]
+            *(extra or []), "-m", "dpbench.training.distributed", str(config_path)]
 
 
 def launch(config_path: str | os.PathLike, nproc: int, *, timeout: float | None = None,
@@ -144,7 +145,7 @@ def run_distributed(config: dict[str, Any], nproc: int = 2, *, timeout: float | 
     """
     import yaml
 
-    from dpbench.results import load_metrics
+    from dpbench.workbench.results import load_metrics
 
     cfg = dict(config)
     if not cfg.get("output_dir"):
@@ -161,7 +162,7 @@ def run_distributed(config: dict[str, Any], nproc: int = 2, *, timeout: float | 
 
 def add_cli_arguments(parser) -> None:
     """Arguments of `dpbench train`."""
-    parser.add_argument("config", help="YAML training config (see dpbench.launch)")
+    parser.add_argument("config", help="YAML training config (see dpbench.workbench.launch)")
     parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (one per GPU with device: cuda)")
 
 

@@ -30,7 +30,7 @@ What changes when one logical batch is spread over `world_size` processes, and w
 - Accounting. The ledger sees one subsampled-Gaussian step per logical batch with rate q
   (not q/w: the union is the batch) and records `world_size`.
 
-Entry point for torchrun: `python -m dpbench.distributed CONFIG.yaml` (see dpbench.launch).
+Entry point for torchrun: `python -m dpbench.training.distributed CONFIG.yaml` (see dpbench.workbench.launch).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ import torch
 import torch.distributed as dist
 
 from dpbench.errors import UserError
-from dpbench.optim import DPOptimizer
-from dpbench.sampling import step_key
+from dpbench.training.optimizer import DPOptimizer
+from dpbench.training.sampling import step_key
 
 NOISE_MODES = ("rank0", "shares")
 
@@ -97,7 +97,7 @@ def free_port() -> int:
 
 
 class DataParallel:
-    """The data-parallel settings `dpbench.train.fit(..., distributed=DataParallel())` uses.
+    """The data-parallel settings `dpbench.training.loop.fit(..., distributed=DataParallel())` uses.
 
     Args:
         group: the process group (None: the default group; must be initialised).
@@ -107,7 +107,7 @@ class DataParallel:
 
     def __init__(self, group: Any = None, noise: str = "rank0", device: str | torch.device | None = None):
         if not dist.is_available() or not dist.is_initialized():
-            raise UserError("torch.distributed is not initialised; call dpbench.distributed.init_from_env() "
+            raise UserError("torch.distributed is not initialised; call dpbench.training.distributed.init_from_env() "
                             "(under torchrun) or dist.init_process_group first")
         if noise not in NOISE_MODES:
             raise UserError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
@@ -208,13 +208,13 @@ class DistributedDPOptimizer(DPOptimizer):
 
 
 def run_config(config: dict[str, Any], dp: DataParallel | None = None) -> Any:
-    """Run one training config on this rank (see dpbench.launch for the keys).
+    """Run one training config on this rank (see dpbench.workbench.launch for the keys).
 
     Rank 0 writes metrics.csv, ledger.json and manifest.json (with world_size) to
     config["output_dir"]. Returns the TrainResult.
     """
-    from dpbench.launch import check_config, write_outputs
-    from dpbench.train import fit
+    from dpbench.workbench.launch import check_config, write_outputs
+    from dpbench.training.loop import fit
 
     cfg = check_config(config)
     if dp is None:
@@ -243,12 +243,12 @@ def run_config(config: dict[str, Any], dp: DataParallel | None = None) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m dpbench.distributed CONFIG.yaml` (what torchrun starts on every rank)."""
+    """`python -m dpbench.training.distributed CONFIG.yaml` (what torchrun starts on every rank)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
-        print("usage: python -m dpbench.distributed CONFIG.yaml (normally started by `dpbench train`)", file=sys.stderr)
+        print("usage: python -m dpbench.training.distributed CONFIG.yaml (normally started by `dpbench train`)", file=sys.stderr)
         return 2
-    from dpbench.launch import load_config
+    from dpbench.workbench.launch import load_config
 
     try:
         run_config(load_config(argv[0]))

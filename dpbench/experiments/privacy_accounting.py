@@ -2,7 +2,7 @@
 
 The computations return tidy rows (one dict per plotted point) so tests and the notebook's
 metrics share them; the plot functions only draw those rows. Accountants are named as in
-`dpbench.accounting`: "rdp", "pld" and the approximation "gdp_clt".
+`dpbench.privacy.accounting`: "rdp", "pld" and the approximation "gdp_clt".
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
-from dpbench import accounting as acct
+from dpbench.privacy import accounting as acct
 from dpbench.errors import UserError
 
 LABELS = {"rdp": "RDP", "pld": "PLD", "gdp_clt": "GDP (CLT approx.)"}

@@ -8,7 +8,7 @@ the same on both sides of that experiment (so sweeps stay apart, while a column 
 differs, e.g. a data-set size between profiles, or a measurement such as `sd`, is
 aggregated over and listed in the header). Each matched quantity gets a mean per side
 across seeds, and B - A with its 95% confidence interval (paired by seed where both sides
-share seeds, else Welch; see dpbench.verdicts). A difference is flagged only when its
+share seeds, else Welch; see dpbench.workbench.verdicts). A difference is flagged only when its
 interval excludes 0.
 """
 
@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from dpbench import verdicts
+from dpbench.workbench import verdicts
 from dpbench.errors import UserError
-from dpbench.results import STYLE_FILE, write_atomic
+from dpbench.atomic import write_atomic
+from dpbench.workbench.results import STYLE_FILE
 
 BASE_KEY = ("experiment", "metric", "method", "epsilon")
 NOT_KEYS = {"value", "seed", "status", "reason", "claim_id", "_notebook"}
@@ -105,7 +106,7 @@ def resolve_side(arg: str, repo: str | os.PathLike | None = None) -> Path:
     path = Path(arg).expanduser()
     if path.is_dir():
         return path.resolve()
-    from dpbench import runner
+    from dpbench.workbench import runner
 
     if arg in runner.PROFILES:
         try:
@@ -361,7 +362,7 @@ def default_output(a: Side, b: Side) -> Path:
     def slug(s: str) -> str:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "x"
     name = f"{slug(a.label)}-vs-{slug(b.label)}.png"
-    from dpbench import runner
+    from dpbench.workbench import runner
 
     try:
         return runner.results_root() / "compare" / name

@@ -10,7 +10,7 @@ How it measures:
   model (baseline, method, baseline, method, ...); `step_time_s` is the median method step
   and `ratio_to_nonprivate` the median of the per-pair ratios, so drifts in machine load
   hit both sides of every ratio.
-- Peak memory: every cell runs in a fresh child process (`python -m dpbench.bench --cell
+- Peak memory: every cell runs in a fresh child process (`python -m dpbench.training.bench --cell
   ...`), because a process's resident-set peak only ever rises. On CPU `peak_mem_mb` is the
   child's raw peak RSS (VmHWM, or ru_maxrss where /proc is missing). It includes the
   interpreter and the libraries (about 0.7-0.9 GB for a CUDA build of torch), so the child
@@ -186,7 +186,7 @@ def make_step(method: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
     if method in DPBENCH_METHODS + EXTRA_METHODS:
         from dpbench.clipping import ClippingEngine
-        from dpbench.optim import DPOptimizer
+        from dpbench.training.optimizer import DPOptimizer
 
         engine = ClippingEngine(model, max_grad_norm=max_grad_norm, method=method, style=style)
         dp_opt = DPOptimizer(torch.optim.SGD(engine.trainable_parameters(), lr=lr), engine, noise_multiplier, B, seed=0)
@@ -263,7 +263,7 @@ def _preimport(cell: "Cell") -> None:
     tables count in base_rss_mb rather than in the method's memory."""
     import importlib
 
-    names = ["dpbench.optim", "dpbench.clipping"]
+    names = ["dpbench.training.optimizer", "dpbench.clipping"]
     if cell.model != "tiny_cnn":
         names += ["timm", "dpbench.models"]
     if cell.method in OPACUS_METHODS:
@@ -411,8 +411,8 @@ def _device_name(device: str) -> str:
 
 
 def run_cell_subprocess(cell: Cell, timeout: float = 900.0) -> dict[str, Any]:
-    """Run `run_cell` in a fresh `python -m dpbench.bench --cell` process."""
-    cmd = [sys.executable, "-m", "dpbench.bench", "--cell", json.dumps({**asdict(cell), "isolated": True})]
+    """Run `run_cell` in a fresh `python -m dpbench.training.bench --cell` process."""
+    cmd = [sys.executable, "-m", "dpbench.training.bench", "--cell", json.dumps({**asdict(cell), "isolated": True})]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -489,7 +489,7 @@ def run_benchmark(profile: str | Sequence[Cell] = "cpu", *, models: Sequence[str
         rows.append(run_cell_subprocess(c, cell_timeout) if isolate else run_cell(c))
         _fill_memory_ratios(rows)
         if json_path:  # after every cell, so a long run that stops keeps what it measured
-            from dpbench.results import write_json_atomic
+            from dpbench.atomic import write_json_atomic
 
             write_json_atomic(json_path, rows)
     return rows
@@ -540,7 +540,7 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
 
 # ---------------------------------------------------------------------------- CLI
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `dpbench bench` (dpbench.cli adds them to its sub-command)."""
+    """Arguments of `dpbench bench` (dpbench.workbench.cli adds them to its sub-command)."""
     parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES),
                         help="cpu: small CNN, resnet18-GN, vit_tiny@64 at batch 64; gpu: the paper's models; "
                              "quick: a tiny model, batch 8, 2 repeats (a smoke test)")
@@ -572,7 +572,7 @@ def cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpbench.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dpbench.training.bench", description=__doc__.splitlines()[0])
     add_cli_arguments(parser)
     args = parser.parse_args(argv)
     try:

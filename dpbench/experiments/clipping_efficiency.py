@@ -12,7 +12,7 @@ This module measures both sides with the engine's own rule code (`Conv2dRule` of
 one Conv2d swept over input sizes, finds the measured crossover, and lists the mixed rule's
 per-layer decisions for whole models (`engine.layer_table()`).
 
-Timing uses `dpbench.bench.time_step` (GPU-synchronised). Memory: on CUDA,
+Timing uses `dpbench.training.bench.time_step` (GPU-synchronised). Memory: on CUDA,
 `torch.cuda.max_memory_allocated` above what was allocated before the call; on CPU the
 growth of the process's resident-set high-water mark during the call, after returning freed
 heap memory to the system (`malloc_trim`), so it measures what the call itself touches.
@@ -106,7 +106,7 @@ def peak_extra_mb(fn: Callable[[], Any], device: str | torch.device = "cpu") -> 
     CUDA: max_memory_allocated after a reset. CPU (Linux): growth of VmHWM after
     malloc_trim and a reset of the high-water mark; None where /proc cannot be reset.
     """
-    from dpbench import bench
+    from dpbench.training import bench
 
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -173,7 +173,7 @@ def crossover_sweep(sizes: Sequence[int], in_channels: int = 64, out_channels: i
     """
     from tqdm.auto import tqdm
 
-    from dpbench.bench import time_step
+    from dpbench.training.bench import time_step
 
     if not sizes:
         raise UserError("crossover sizes are empty; give at least two input sizes, e.g. [8, 16, 32]")
@@ -247,12 +247,12 @@ def layer_decisions(model_name: str, resolution: int, num_classes: int = 10, bat
     """The mixed rule's choice for every trainable layer of a model: `engine.layer_table()`
     after one backward pass at this resolution (T, D, p are known only then).
 
-    The model is built like `dpbench bench` builds it (`dpbench.bench.build_model`: GroupNorm).
+    The model is built like `dpbench bench` builds it (`dpbench.training.bench.build_model`: GroupNorm).
     Rows gain `model`, `resolution`, `two_T2` and `pD` (the two sides of the rule).
     """
     import torch.nn.functional as F
 
-    from dpbench.bench import build_model
+    from dpbench.training.bench import build_model
     from dpbench.clipping import ClippingEngine
 
     torch.manual_seed(seed)
@@ -403,10 +403,10 @@ def parse_model_spec(spec: str | Sequence) -> tuple[str, int, int]:
 def notebook_cells(models: Sequence, methods: Sequence[str], *, device: str = "cpu", repeats: int = 3,
                    warmup: int = 1, max_batch: bool = False, seed: int = 0, profile: str = "",
                    layer_style_model: str = "", layer_style_methods: Sequence[str] = ()) -> list:
-    """The `dpbench.bench.Cell`s notebook 01 measures: every (model, method) of `models`
+    """The `dpbench.training.bench.Cell`s notebook 01 measures: every (model, method) of `models`
     ("name@resolution:batch" each, see `parse_model_spec`) and, for claim B.1, `layer_style_methods` of
     `layer_style_model` again with per-layer clipping (style="layer")."""
-    from dpbench.bench import Cell, DPBENCH_METHODS, EXTRA_METHODS, METHODS as BENCH_METHODS
+    from dpbench.training.bench import Cell, DPBENCH_METHODS, EXTRA_METHODS, METHODS as BENCH_METHODS
 
     if not models:
         raise UserError("models is empty; give at least one [name, resolution, batch_size]")
@@ -435,7 +435,7 @@ BENCH_METRICS = ("step_time_s", "step_mem_mb", "ratio_to_nonprivate", "mem_ratio
 
 
 def record_bench_rows(rec, rows: Sequence[dict[str, Any]], claims: dict | None = None, seed: int | None = None) -> None:
-    """Add one tidy row per (cell, metric) to a `dpbench.results.Recorder`.
+    """Add one tidy row per (cell, metric) to a `dpbench.workbench.results.Recorder`.
 
     A failed cell gives its metrics as failed rows with the cell's reason; a metric this
     run did not measure (CPU memory in-process, max batch off the gpu profile) is a failed

@@ -33,7 +33,7 @@ std `scale`, off-diagonal ones `scale / sqrt(2)`.
 
 Accounting (`conversion`): the releases compose to a Gaussian mechanism with
 1/s_eff^2 = sum_j 1/s_j^2 (exact for Gaussians). "pld" and "rdp" account the composition
-with dp-accounting through `dpbench.accounting`; "classic" is the authors' own formula,
+with dp-accounting through `dpbench.privacy.accounting`; "classic" is the authors' own formula,
 eps = min_alpha alpha*beta/2 + log(1/delta)/(alpha - 1) with beta = sum_j 1/s_j^2, i.e.
 eps = beta/2 + sqrt(2 beta log(1/delta)). Results carry epsilon under all three.
 Calibration therefore searches one number, s_eff, for the target epsilon (cached per
@@ -171,7 +171,7 @@ def _prepare(x, y, num_classes, clip_norm, device, dtype):
 
 def composition_epsilon(noise_multipliers: Sequence[float], delta: float, conversion: str = "pld") -> float:
     """Epsilon of composed Gaussian releases (sensitivity 1, noise multipliers s_j), through
-    `dpbench.accounting` (cached: sweeps repeat the same releases for every seed)."""
+    `dpbench.privacy.accounting` (cached: sweeps repeat the same releases for every seed)."""
     _check_conversion(conversion)
     counts: dict[float, int] = {}
     for sig in noise_multipliers:
@@ -183,7 +183,7 @@ def composition_epsilon(noise_multipliers: Sequence[float], delta: float, conver
 
 @functools.lru_cache(maxsize=4096)
 def _grouped_epsilon(groups: tuple[tuple[float, int], ...], delta: float, conversion: str) -> float:
-    from dpbench import accounting
+    from dpbench.privacy import accounting
 
     sig = [s for s, c in groups for _ in range(c)]
     if conversion == "classic":
@@ -194,14 +194,14 @@ def _grouped_epsilon(groups: tuple[tuple[float, int], ...], delta: float, conver
 @functools.lru_cache(maxsize=1024)
 def _sampled_sigma(epsilon: float, q: float, steps: int, delta: float, conversion: str) -> float:
     """DP-SGD noise multiplier for `steps` Poisson-sampled steps at rate q (cached: seeds repeat it)."""
-    from dpbench import accounting
+    from dpbench.privacy import accounting
 
     return float(accounting.noise_multiplier(epsilon, q, steps, delta=delta, accountant=conversion, tol=1e-4))
 
 
 @functools.lru_cache(maxsize=1024)
 def _sampled_epsilon(sigma: float, q: float, steps: int, delta: float, conversion: str) -> float:
-    from dpbench import accounting
+    from dpbench.privacy import accounting
 
     return float(accounting.epsilon(sigma, q, steps, delta=delta, accountant=conversion))
 
@@ -218,7 +218,7 @@ def _effective_sigma(target_epsilon: float, delta: float, conversion: str) -> fl
     Composing Gaussians with 1/s_eff^2 = sum_j 1/s_j^2 is exactly a Gaussian with s_eff, so
     calibrating a set of releases reduces to this one-dimensional search.
     """
-    from dpbench import accounting
+    from dpbench.privacy import accounting
 
     if conversion == "classic":
         return float(accounting.classic_noise_multiplier(target_epsilon, 1, delta))
@@ -290,7 +290,7 @@ class LinearResult:
 def _ledger(delta: float, n: int, conversion: str, releases: list[tuple[float, int]]):
     """A PrivacyLedger holding the Gaussian releases (the classic conversion is reported
     beside it; the ledger itself uses dp-accounting's RDP then)."""
-    from dpbench.accounting import PrivacyLedger
+    from dpbench.privacy.accounting import PrivacyLedger
 
     ledger = PrivacyLedger(delta=delta, n=n, accountant="pld" if conversion == "pld" else "rdp")
     for sigma, count in releases:
@@ -585,12 +585,12 @@ def dp_sgd_logistic(
 ) -> LinearResult:
     """DP-SGD or DP-Adam logistic regression of a linear head (nn.Linear with bias).
 
-    Runs `dpbench.train.fit` (the shared loop): Poisson batches of expected size
+    Runs `dpbench.training.loop.fit` (the shared loop): Poisson batches of expected size
     `batch_size` (None = full batch, q = 1), per-example clipping by the clipping engine to
     `grad_clip`, noise once per logical batch by `DPOptimizer`; `steps` defaults to epochs / q.
     `loss`: "softmax" (cross-entropy) or "ova" (one-vs-all sigmoid).
     `init`: "zero" or "random" (PyTorch's default nn.Linear init, seeded).
-    `conversion`: "rdp"/"pld" through dpbench.accounting (Poisson-subsampled Gaussian);
+    `conversion`: "rdp"/"pld" through dpbench.privacy.accounting (Poisson-subsampled Gaussian);
     "classic" only for full batch (then the steps are plain Gaussian releases).
     `epsilon=None`: the same loop with no clipping and no noise.
     """
@@ -612,8 +612,8 @@ def dp_sgd_logistic(
     if conversion == "classic" and q < 1:
         raise UserError("the classic conversion covers unsampled Gaussian releases only; use batch_size=None "
                         "(full batch) or conversion='rdp'/'pld'")
-    from dpbench import accounting
-    from dpbench.train import fit
+    from dpbench.privacy import accounting
+    from dpbench.training.loop import fit
 
     seed = 0 if seed is None else int(seed)
     torch.manual_seed(seed)

@@ -52,7 +52,7 @@ CONVERSION = "RDP -> (eps, delta): Canonne, Kamath & Steinke 2020, Prop. 12"
 # Orders for selection accounting: few fractional orders (each costs dp-accounting a slowly
 # converging series for subsampled Gaussians), integers where the optimum usually sits, and
 # a coarse tail for the small epshat of the Poisson bound. Any order set gives a valid
-# bound; against dpbench.accounting.RDP_ORDERS (174 orders) this one changed the selection
+# bound; against dpbench.privacy.accounting.RDP_ORDERS (174 orders) this one changed the selection
 # epsilon by < 0.1% in our checks and is ~20x faster, which matters inside calibration.
 SELECTION_ORDERS = tuple([1.25, 1.5, 1.75] + list(range(2, 65)) + [80, 96, 128, 192, 256, 512])
 
@@ -202,12 +202,12 @@ def gamma_for_mean(eta: float, mean: float) -> float:
 def rdp_curve(base: Any, orders: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(orders, eps(order)) of the base algorithm from dp-accounting's `RdpAccountant`.
 
-    base: a dp_accounting DpEvent, a `dpbench.accounting.PrivacyLedger`, a ledger dict
+    base: a dp_accounting DpEvent, a `dpbench.privacy.accounting.PrivacyLedger`, a ledger dict
     (`PrivacyLedger.to_dict()`), or an (orders, rdp) pair (returned as arrays).
     orders: default SELECTION_ORDERS."""
     import dp_accounting as dpa
 
-    from dpbench import accounting
+    from dpbench.privacy import accounting
 
     if isinstance(base, tuple) and len(base) == 2:
         o, r = np.asarray(base[0], dtype=float), np.asarray(base[1], dtype=float)
@@ -225,7 +225,7 @@ def rdp_curve(base: Any, orders: Sequence[float] | None = None) -> tuple[np.ndar
 def _as_event(base: Any):
     import dp_accounting as dpa
 
-    from dpbench.accounting import PrivacyLedger
+    from dpbench.privacy.accounting import PrivacyLedger
 
     if isinstance(base, dpa.DpEvent):
         return base
@@ -323,7 +323,7 @@ class SelectionPrivacy:
         """A dict with the keys of `PrivacyLedger.to_dict()` (events, dp_event, accountant,
         delta, n, adjacency, world_size, approximate, approximate_reason, steps, epsilon)
         plus the selection's details, for manifests and ledgers.json."""
-        from dpbench.accounting import ADJACENCY
+        from dpbench.privacy.accounting import ADJACENCY
 
         event = {"type": "private_selection", **self.repetitions.describe(), "runs": self.runs,
                  "bound": self.bound, "conversion": CONVERSION, "base_events": [dict(e) for e in self.base_events],
@@ -349,7 +349,7 @@ def selection_epsilon(base: Any, dist: Repetitions, delta: float = 1e-5, orders:
                       n: int | None = None, monotone: bool = True) -> SelectionPrivacy:
     """Epsilon at `delta` of private selection over candidates covered by `base` (see
     `rdp_curve` for what `base` may be), with the number of runs drawn from `dist`."""
-    from dpbench.accounting import check_delta
+    from dpbench.privacy.accounting import check_delta
 
     check_delta(delta, n)
     o, r = rdp_curve(base, orders)
@@ -363,7 +363,7 @@ def selection_epsilon(base: Any, dist: Repetitions, delta: float = 1e-5, orders:
 
 
 def _events_of(base: Any) -> list[dict[str, Any]] | None:
-    from dpbench.accounting import PrivacyLedger
+    from dpbench.privacy.accounting import PrivacyLedger
 
     if isinstance(base, PrivacyLedger):
         return [dict(e) for e in base.events]
@@ -384,7 +384,7 @@ def composition_epsilon(base: Any, runs: int, delta: float = 1e-5, n: int | None
     candidate and publishes the best really spends), with dp-accounting's RDP accountant."""
     import dp_accounting as dpa
 
-    from dpbench import accounting
+    from dpbench.privacy import accounting
 
     accounting.check_delta(delta, n)
     if int(runs) < 1:
@@ -396,7 +396,7 @@ def dpsgd_base(noise_multiplier: float, sample_rate: float, steps: int, *, score
                delta: float = 1e-5, n: int | None = None):
     """The ledger of one candidate run: DP-SGD, plus (optionally) one Gaussian release of
     its validation score (a count of correct predictions, sensitivity 1)."""
-    from dpbench.accounting import PrivacyLedger
+    from dpbench.privacy.accounting import PrivacyLedger
 
     led = PrivacyLedger(delta=delta, n=n)
     led.record_dpsgd(noise_multiplier, sample_rate, steps)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from dpbench.errors import UserError
-from dpbench.optim import DPOptimizer, LogicalBatching
-from dpbench.sampling import PoissonSampler, ShuffledSampler, split_physical, steps_for_epochs
+from dpbench.training.optimizer import DPOptimizer, LogicalBatching
+from dpbench.training.sampling import PoissonSampler, ShuffledSampler, split_physical, steps_for_epochs
 
 HISTORY_KEYS = ("step", "epoch", "train_loss", "test_loss", "test_acc", "epsilon", "wall_time_s")
 
@@ -76,7 +76,7 @@ class TrainResult:
         return pd.DataFrame(self.history, columns=list(HISTORY_KEYS))
 
     def record(self, recorder, *, method: str = "", seed: int | None = None, **params: Any) -> None:
-        """Add the history to a `dpbench.results.Recorder` as tidy rows (one per metric)."""
+        """Add the history to a `dpbench.workbench.results.Recorder` as tidy rows (one per metric)."""
         for row in self.history:
             for metric in ("train_loss", "test_loss", "test_acc", "wall_time_s"):
                 if row.get(metric) is None:
@@ -218,7 +218,7 @@ def fit(
     into chunks of at most `max_physical_batch`, and stepped once.
 
     Privacy: `noise_multiplier`, or `target_epsilon` (calibrated with
-    `dpbench.accounting.noise_multiplier` for this q, step count and delta). The ledger
+    `dpbench.privacy.accounting.noise_multiplier` for this q, step count and delta). The ledger
     (created if None) records every logical step; history epsilons are read from it.
     `gradient_noise_multiplier` (>= noise_multiplier) is the noise the optimizer adds when a
     callback releases further statistics of the same batch, e.g. adaptive clipping, whose
@@ -234,7 +234,7 @@ def fit(
     each evaluation also reads epsilon from the ledger (about a second per RDP evaluation
     on a slow CPU): `track_epsilon=False` leaves it None in the history and computes only
     the final epsilon.
-    `distributed`: a `dpbench.distributed.DataParallel` for data-parallel DP under torchrun
+    `distributed`: a `dpbench.training.distributed.DataParallel` for data-parallel DP under torchrun
     (each rank samples its share of every Poisson batch, clipped sums are all-reduced, the
     noise is added once in total, the ledger records the world size; private runs only;
     per-step callbacks are refused).
@@ -302,7 +302,7 @@ def fit(
     engine_built_here = False
     ledger_q = q
     if private:
-        from dpbench import accounting
+        from dpbench.privacy import accounting
 
         accounting.check_delta(delta, n)
         if (noise_multiplier is None) == (target_epsilon is None):

@@ -7,7 +7,7 @@ no scripts, no external resources) that opens offline. It holds
 
 * a summary table with one row per claim of paper_values.csv: the paper's value and
   setting, ours (mean and 95% CI across seeds) and our setting, and a verdict decided by
-  `dpbench.verdicts` from the metrics rows that carry the claim's `claim_id`;
+  `dpbench.workbench.verdicts` from the metrics rows that carry the claim's `claim_id`;
 * the verdict rules, written out;
 * one section per notebook: status, manifest summary (commit, device, duration), its
   claims, its figures, its failed rows and its last failed attempt with the error.
@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpbench import runner, verdicts
+from dpbench.workbench import runner
+from dpbench.workbench import verdicts
 from dpbench.errors import UserError
-from dpbench.provenance import now_iso
-from dpbench.results import write_atomic
+from dpbench.workbench.provenance import now_iso
+from dpbench.atomic import write_atomic
 
 CLAIM_COLUMNS = ["claim_id", "paper", "figure_or_table", "setting", "method", "metric", "value", "epsilon",
                  "delta", "source"]
@@ -373,7 +374,7 @@ def render_summary(rep: Report) -> str:
 
 
 def render_rules() -> str:
-    """The verdict rules, as text (they are the rules dpbench.verdicts applies)."""
+    """The verdict rules, as text (they are the rules dpbench.workbench.verdicts applies)."""
     items = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in verdicts.RULES.items())
     names = "".join(f"<li>{_badge(v)}</li>" for v in verdicts.VERDICTS)
     return (

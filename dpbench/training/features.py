@@ -10,7 +10,7 @@ Backbones (`load_backbone`), in order of preference:
    are in the local Hugging Face cache). Offline this fails; the reason is kept in the
    returned note and the next option is tried.
 2. "checkpoint": the public checkpoint written by notebook 03 (03_public_pretraining),
-   found through `dpbench.runner.upstream_dir`, or an explicit path.
+   found through `dpbench.workbench.runner.upstream_dir`, or an explicit path.
 3. "public": a model trained non-privately on the public split of the data set here.
 The returned `Backbone.source` and `.note` say which one was used and why.
 
@@ -106,7 +106,7 @@ def save_features(path: str | os.PathLike, features: torch.Tensor, labels: torch
     """Write features and labels as safetensors, atomically (temporary file + rename)."""
     from safetensors.torch import save
 
-    from dpbench.results import write_atomic
+    from dpbench.atomic import write_atomic
 
     blob = save(
         {"features": features.detach().cpu().float().contiguous(), "labels": labels.detach().cpu().long().contiguous()},
@@ -341,7 +341,7 @@ def _find_checkpoint(profile: str | None, checkpoint: str | os.PathLike | None) 
     if not profile:
         return None, "no profile given to look up notebook 03's public checkpoint"
     try:
-        from dpbench.runner import upstream_dir
+        from dpbench.workbench.runner import upstream_dir
 
         folder = upstream_dir(profile, "03_public_pretraining")
     except Exception as exc:  # UserError when 03 has not run; ImportError if no runner
@@ -368,7 +368,7 @@ def train_public_backbone(
     """Train `model_name` (dpbench.models, built with `model_kwargs`) non-privately on the
     public examples only."""
     from dpbench.models import create_model
-    from dpbench.train import fit
+    from dpbench.training.loop import fit
 
     x, y = _xy(public)
     torch.manual_seed(seed)

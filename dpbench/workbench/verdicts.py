@@ -3,7 +3,7 @@
 Pure functions over plain rows (dicts of one `metrics.csv` row each), no pandas, so the
 rules can be tested exhaustively and read in one place. `judge(claim, rows)` returns a
 `Verdict` with one of `VERDICTS`, the text of the rule that decided it, our value and our
-setting. The report (dpbench.report) and `dpbench compare` are the callers.
+setting. The report (dpbench.workbench.report) and `dpbench compare` are the callers.
 
 How a notebook feeds a claim (the convention; see RULES for the exact tests):
 

@@ -15,7 +15,7 @@ DP-SGD steps are Poisson-subsampled Gaussian mechanisms (noise multiplier sigma,
 sensitivity 1 after clipping); unsampled releases (sufficient statistics, counts) are
 plain Gaussian mechanisms with sensitivity 1.
 
-`import dpbench.accounting` does not import dp_accounting or scipy: they are imported
+`import dpbench.privacy.accounting` does not import dp_accounting or scipy: they are imported
 inside the functions that need them.
 """
 
@@ -673,7 +673,7 @@ class PrivacyLedger:
 
     def save(self, path: str | os.PathLike) -> str:
         """Write `to_dict()` as JSON to `path` atomically; returns the path."""
-        from dpbench.results import write_json_atomic
+        from dpbench.atomic import write_json_atomic
 
         return str(write_json_atomic(path, self.to_dict()))
 

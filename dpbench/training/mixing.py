@@ -58,7 +58,7 @@ def _take(ds: Any, idx: torch.Tensor) -> Any:
     """Subset of a dpbench data set (keeps origin indices) or of an (x, y) pair."""
     if hasattr(ds, "subset"):
         return ds.subset(idx)
-    from dpbench.train import as_tensors
+    from dpbench.training.loop import as_tensors
 
     x, y = as_tensors(ds)
     return (x[idx], y[idx])
@@ -104,7 +104,7 @@ def split_dataset(dataset: Any, public_fraction: float | None = None, public_cla
     parts must be non-empty.
     """
     from dpbench.data import split_public_private
-    from dpbench.train import as_tensors
+    from dpbench.training.loop import as_tensors
 
     _, y = as_tensors(dataset)
     pub, priv = split_public_private(y, public_fraction=public_fraction, public_classes=public_classes, seed=seed)
@@ -125,7 +125,7 @@ def separate_datasets(public: Any, private: Any, *, public_split: str = "train",
     The same data set and split on both sides would make every example both public and
     private: that is refused (use `split_dataset`).
     """
-    from dpbench.train import as_tensors
+    from dpbench.training.loop import as_tensors
 
     pn = public_name or getattr(public, "name", "public")
     qn = private_name or getattr(private, "name", "private")
@@ -432,10 +432,10 @@ def fit_mixed(
     from torch.func import functional_call
     from tqdm.auto import tqdm
 
-    from dpbench import accounting
-    from dpbench.optim import DPOptimizer, LogicalBatching
-    from dpbench.sampling import PoissonSampler, split_physical
-    from dpbench.train import as_tensors, evaluate, make_optimizer, resolve_device
+    from dpbench.privacy import accounting
+    from dpbench.training.optimizer import DPOptimizer, LogicalBatching
+    from dpbench.training.sampling import PoissonSampler, split_physical
+    from dpbench.training.loop import as_tensors, evaluate, make_optimizer, resolve_device
 
     if mode not in MODES:
         raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from dpbench import provenance
+from dpbench.workbench import provenance
 from dpbench.errors import UserError
 
 PROFILES = ("smoke", "cpu", "gpu")
@@ -561,7 +561,7 @@ class Runner:
             error=error,
         )
         manifest["run_dir"] = str(tmp)  # the path the notebook saw as output_dir
-        from dpbench.results import write_json_atomic
+        from dpbench.atomic import write_json_atomic
 
         write_json_atomic(tmp / "manifest.json", manifest)
         swap_in(tmp, final)
@@ -722,10 +722,10 @@ def job_env(spec: RunSpec, jobs: int, runtime_dir: str, gpu: int | None = None, 
 
 
 def _run_job(runner: Runner, spec: RunSpec, jobs: int, force: bool, gpu: int | None, retries: int = 2) -> RunResult:
-    """Run one notebook in a child process (`python -m dpbench.runner --job ...`)."""
+    """Run one notebook in a child process (`python -m dpbench.workbench.runner --job ...`)."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "dpbench.runner", "--job", spec.notebook, spec.profile,
+    cmd = [sys.executable, "-m", "dpbench.workbench.runner", "--job", spec.notebook, spec.profile,
            "--repo", str(runner.repo), "--results", str(runner.results)] + (["--force"] if force else [])
     t0 = time.perf_counter()
     for attempt in range(retries + 1):
@@ -827,7 +827,7 @@ def _job_main(argv: list[str] | None = None) -> int:
     """Child side of `run_parallel`: run one notebook, print its RunResult as one JSON line."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m dpbench.runner")
+    ap = argparse.ArgumentParser(prog="python -m dpbench.workbench.runner")
     ap.add_argument("--job", nargs=2, metavar=("NOTEBOOK", "PROFILE"), required=True)
     ap.add_argument("--repo", required=True)
     ap.add_argument("--results", required=True)

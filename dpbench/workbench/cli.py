@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser. `bench` is listed here but parsed by dpbench.bench itself, so
+    """The top-level parser. `bench` is listed here but parsed by dpbench.training.bench itself, so
     building this parser never imports torch."""
     parser = _Parser(prog="dpbench", description="Run, cache and report the dpbench notebooks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -55,12 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--references", help="paper values CSV (default references/paper_values.csv)")
 
     compare = sub.add_parser("compare", help="metric differences between two results folders, with a plot")
-    from dpbench.compare import add_cli_arguments as _compare_arguments
+    from dpbench.workbench.compare import add_cli_arguments as _compare_arguments
 
     _compare_arguments(compare)
 
     train = sub.add_parser("train", help="data-parallel DP training from a YAML config (torchrun underneath)")
-    from dpbench.launch import add_cli_arguments as _train_arguments  # stdlib-only module
+    from dpbench.workbench.launch import add_cli_arguments as _train_arguments  # stdlib-only module
 
     _train_arguments(train)
 
@@ -73,12 +73,12 @@ def _profile(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench(argv: list[str]) -> int:
-    """Hand `dpbench bench ...` to dpbench.bench, imported only now (it needs torch)."""
+    """Hand `dpbench bench ...` to dpbench.training.bench, imported only now (it needs torch)."""
     try:
-        from dpbench import bench
+        from dpbench.training import bench
     except ModuleNotFoundError as exc:
-        if exc.name == "dpbench.bench":
-            raise UserError("`dpbench bench` is not available: dpbench/bench.py is missing from this installation") from None
+        if exc.name == "dpbench.training.bench":
+            raise UserError("`dpbench bench` is not available: dpbench/training/bench.py is missing from this installation") from None
         raise
     parser = _Parser(prog="dpbench bench", description="Speed and memory of the clipping methods.")
     bench.add_cli_arguments(parser)
@@ -86,7 +86,7 @@ def _bench(argv: list[str]) -> int:
 
 
 def _list() -> int:
-    from dpbench import runner
+    from dpbench.workbench import runner
 
     r = runner.Runner()
     names = runner.list_notebooks(r.repo)
@@ -104,7 +104,7 @@ def _list() -> int:
 
 
 def _finish(results) -> int:
-    from dpbench.runner import failure_summary
+    from dpbench.workbench.runner import failure_summary
 
     print(failure_summary(results), file=sys.stderr)
     return 0 if all(r.ok for r in results) else EXIT_FAILED
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "bench":
             return _bench(argv[1:])
         args = build_parser().parse_args(argv)
-        from dpbench import runner
+        from dpbench.workbench import runner
 
         if args.command == "list":
             return _list()
@@ -128,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
             return _finish(runner.reproduce(args.profile, force=args.force, progress=not args.no_progress,
                                             jobs=args.jobs))
         if args.command == "train":
-            from dpbench import launch
+            from dpbench.workbench import launch
 
             return launch.cli(args)
         if args.command == "report":
-            from dpbench import report
+            from dpbench.workbench import report
 
             rep = report.build(args.profile, references=args.references)
             path = report.write(rep, args.output)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"report: {path}")
             return 0
         if args.command == "compare":
-            from dpbench import compare
+            from dpbench.workbench import compare
 
             return compare.cli(args)
         raise UserError(f"unknown command {args.command!r}")  # unreachable: argparse checks it
