@@ -167,3 +167,93 @@ def test_paper_ratios_tables_and_tidy_rows(tmp_path):
     assert cid[("ghost", "step_time_s", "flat")] == "C-t4-resnet18-ghost-time-s"
     assert cid[("mixed", "ratio_to_nonprivate", "flat")] == "C-slowdown-max"
     assert cid[("bk", "step_time_s", "layer")] == ""
+
+
+class _ListRecorder:
+    """The one Recorder method the experiments call, without the workbench layer."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, metric, value, **kw):
+        self.rows.append({"metric": metric, "value": value, **kw})
+
+    def get(self, metric, **match):
+        return [r for r in self.rows if r["metric"] == metric and all(r.get(k) == v for k, v in match.items())]
+
+
+def _xrow(size, method, status="ok", time_s=0.1, mem_mb=1.0, reason=""):
+    return {"size": size, "method": method, "T": size * size, "D": 36, "p": 4, "batch_size": 2, "time_s": time_s,
+            "mem_mb": mem_mb, "status": status, "reason": reason}
+
+
+def test_crossover_rows_keep_every_cell_and_tag_the_claim():
+    rows = [_xrow(6, "ghost", mem_mb=None), _xrow(6, "instantiate"),
+            _xrow(10, "ghost", "failed", None, None, "skipped: needs ~9 MB"), _xrow(10, "instantiate")]
+    summary = {"max_rel_diff": 1e-7, "predicted_size": 5.5, "measured_size": 8.0, "measured_2T2_over_pD": 0.7}
+    rec = _ListRecorder()
+    cx.record_crossover(rec, rows, summary, {cx.CROSSOVER_CLAIM: {}}, seed=3, device="cpu")
+    assert len(rec.get("norm_time_s")) == len(rec.get("norm_mem_mb")) == 4
+    (unmeasured,) = rec.get("norm_mem_mb", size=6, method="ghost")
+    assert unmeasured["value"] is None and unmeasured["status"] == "failed" and "not measured" in unmeasured["reason"]
+    (skipped,) = rec.get("norm_time_s", size=10, method="ghost")
+    assert skipped["status"] == "failed" and skipped["reason"].startswith("skipped")
+    assert rec.get("norm_time_s", size=10, method="instantiate")[0]["value"] == 0.1
+    (ratio,) = rec.get("crossover_2T2_over_pD_measured")
+    assert ratio["value"] == 0.7 and ratio["claim_id"] == cx.CROSSOVER_CLAIM and ratio["seed"] == 3
+    assert rec.get("crossover_size_predicted")[0]["value"] == 5.5
+
+    rec = _ListRecorder()  # no crossover inside the sizes, and no paper values: failed rows, no claim id
+    cx.record_crossover(rec, rows, {**summary, "measured_size": None, "max_rel_diff": None}, {})
+    (ratio,) = rec.get("crossover_2T2_over_pD_measured")
+    assert ratio["status"] == "failed" and ratio["reason"] == cx.NO_CROSSOVER and ratio["claim_id"] == ""
+    assert rec.get("crossover_size_measured")[0]["status"] == "failed" and not rec.get("norms_max_rel_diff")
+
+
+def test_model_layer_decisions_count_layers_and_record_a_refused_model():
+    rec = _ListRecorder()
+    rows = cx.model_layer_decisions(rec, ["tiny_cnn@16:8", "no_such_model_xyz@8:2"])
+    assert {r["model"] for r in rows} == {"tiny_cnn"}
+    (bad,) = rec.get("layers_ghost", model="no_such_model_xyz")
+    assert bad["status"] == "failed" and bad["value"] is None and bad["reason"] and bad["resolution"] == 8
+    ghost = rec.get("layers_ghost", model="tiny_cnn")[0]["value"]
+    inst = rec.get("layers_instantiate", model="tiny_cnn")[0]["value"]
+    assert ghost == sum(r["method"] == "ghost" for r in rows) == 1  # the head (T = 1)
+    assert inst == sum(r["method"] == "instantiate" for r in rows) == 2  # the conv (2 T^2 > p D) and the norm
+    text = cx.layer_decision_text(rows)
+    assert "tiny_cnn@16: 3 trainable layers, mixed picks ghost for 1" in text and "two_T2" in text
+    assert cx.layer_decision_text([]) == ""
+
+
+def test_flat_vs_layer_arms_and_their_backward_passes():
+    rows = [_row("m", "nonprivate"), _row("m", "mixed"), _row("m", "mixed", style="layer"), _row("m", "bk"),
+            _row("m", "ghost"), _row("other", "mixed"), _row("m", "opacus_hooks", "failed")]
+    assert [cx.backward_passes(r) for r in rows[:5]] == [1, 2, 1, 1, 2]
+    table = cx.flat_vs_layer_table(rows, "m", ["mixed", "bk"])
+    assert list(table["arm"]) == ["nonprivate (1 pass)", "mixed flat (2 passes)", "mixed layer (1 pass)",
+                                  "bk flat (1 pass)"]
+    assert list(table["x time"]) == [2.0] * 4 and set(table["status"]) == {"ok"}
+    assert len(cx.flat_vs_layer_table(rows, "absent", ["mixed"])) == 0
+
+
+def test_shared_plot_helpers_mark_missing_cells():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dpbench.experiments import plots
+
+    rows = [_row("a", "nonprivate"), _row("a", "ghost", "failed"), _row("a", "mixed", mem=None),
+            _row("b", "nonprivate"), _row("b", "ghost")]
+    fig, (ax1, ax2) = plt.subplots(1, 2)
+    plots.grouped_bars(ax1, rows, "mem_ratio_to_nonprivate", "memory")
+    assert len(ax1.patches) == 3  # a/nonprivate, b/nonprivate, b/ghost
+    assert sorted(t.get_text() for t in ax1.texts) == ["fails", "n/m"]
+    assert [t.get_text() for t in ax1.get_xticklabels()] == ["a@32", "b@32"]
+    legend = plots.legend_once(fig, ax1, one_row=True)
+    assert [t.get_text() for t in legend.get_texts()] == ["nonprivate", "ghost"]
+    plots.bars_marking_missing(ax2, ["x", "y", "z"], [1.0, None, float("nan")], missing_text="gone")
+    assert [p.get_height() for p in ax2.patches] == [1.0, 0.0, 0.0]
+    assert [t.get_text() for t in ax2.texts] == ["gone", "gone"]
+    plt.close(fig)

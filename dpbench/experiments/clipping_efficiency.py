@@ -20,13 +20,22 @@ heap memory to the system (`malloc_trim`), so it measures what the call itself t
 
 from __future__ import annotations
 
+import csv
+import ctypes
 import math
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from dpbench.clipping import ClippingEngine
+from dpbench.clipping.rules import Conv2dRule
 from dpbench.errors import UserError
+from dpbench.training import bench
+from dpbench.training.bench import Cell, DPBENCH_METHODS, EXTRA_METHODS, METHODS as BENCH_METHODS
 
 METHODS = ("ghost", "instantiate")
 
@@ -93,8 +102,6 @@ def measured_crossover(sizes: Sequence[float], ghost_times: Sequence[float | Non
 # ---------------------------------------------------------------------------- measurement
 def _malloc_trim() -> None:
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -106,8 +113,6 @@ def peak_extra_mb(fn: Callable[[], Any], device: str | torch.device = "cpu") -> 
     CUDA: max_memory_allocated after a reset. CPU (Linux): growth of VmHWM after
     malloc_trim and a reset of the high-water mark; None where /proc cannot be reset.
     """
-    from dpbench.training import bench
-
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -148,8 +153,6 @@ def conv_norms(method: str, conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor
     `Conv2dRule.per_sample` (one grouped weight-gradient convolution) then the squared norm,
     exactly what the engine does for a layer under each method.
     """
-    from dpbench.clipping.rules import Conv2dRule
-
     rule = Conv2dRule()
     if method == "ghost":
         return rule.ghost_sq_norms(conv, [x], [grad], ["weight"])["weight"]
@@ -171,10 +174,6 @@ def crossover_sweep(sizes: Sequence[int], in_channels: int = 64, out_channels: i
     count of `predicted_cost`) exceeds `max_tmp_mb` is not run: its row is failed with the
     reason, never dropped.
     """
-    from tqdm.auto import tqdm
-
-    from dpbench.training.bench import time_step
-
     if not sizes:
         raise UserError("crossover sizes are empty; give at least two input sizes, e.g. [8, 16, 32]")
     if repeats < 1 or batch_size < 1:
@@ -205,7 +204,7 @@ def crossover_sweep(sizes: Sequence[int], in_channels: int = 64, out_channels: i
                     norms[method] = fn()  # warm-up, and the value for the agreement check
                     row["mem_mb"] = peak_extra_mb(fn, dev)
                     # the fastest repeat: load on a shared machine only ever adds time
-                    row["time_s"] = min(time_step(fn, dev) for _ in range(repeats))
+                    row["time_s"] = min(bench.time_step(fn, dev) for _ in range(repeats))
             except (RuntimeError, MemoryError) as e:  # out of memory is a result, not a crash
                 row.update(status="failed", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 if dev.type == "cuda":
@@ -241,6 +240,42 @@ def crossover_summary(rows: Sequence[dict[str, Any]], in_channels: int, out_chan
             "measured_2T2_over_pD": ratio, "max_rel_diff": max(diffs) if diffs else None}
 
 
+CROSSOVER_CLAIM = "C-ghost-instantiate-crossover"
+NO_CROSSOVER = "the fitted ghost/instantiate time ratio does not cross 1 within the measured sizes"
+
+
+def record_crossover(rec, rows: Sequence[dict[str, Any]], summary: dict[str, Any], claims: dict | None = None, *,
+                     seed: int | None = None, device: str = "cpu") -> None:
+    """Add the crossover sweep's tidy rows to a Recorder (anything with `add(metric, value, **kw)`).
+
+    Per (size, method): `norm_time_s` and `norm_mem_mb`, failed with the row's reason (or "not
+    measured on this platform") when absent. Then the norms' agreement, the predicted size
+    and the measured size and 2T^2/pD; the last carries the claim id `C-ghost-instantiate-crossover`
+    when `claims` has it, and is failed with a reason when the measured ratio never crosses 1.
+    """
+    claims = claims or {}
+    for r in rows:
+        params = dict(size=r["size"], T=r["T"], D=r["D"], p=r["p"], batch_size=r["batch_size"], device=device)
+        for metric, key in (("norm_time_s", "time_s"), ("norm_mem_mb", "mem_mb")):
+            if r["status"] == "ok" and r[key] is not None:
+                rec.add(metric, r[key], method=r["method"], seed=seed, **params)
+            else:
+                rec.add(metric, None, method=r["method"], seed=seed, status="failed",
+                        reason=r["reason"] or "not measured on this platform", **params)
+    if summary["max_rel_diff"] is not None:
+        rec.add("norms_max_rel_diff", summary["max_rel_diff"], method="ghost_vs_instantiate", seed=seed)
+    rec.add("crossover_size_predicted", summary["predicted_size"], method="mixed_rule", seed=seed)
+    cid = CROSSOVER_CLAIM if CROSSOVER_CLAIM in claims else ""
+    if summary["measured_size"] is None:
+        rec.add("crossover_size_measured", None, method="measured", seed=seed, status="failed", reason=NO_CROSSOVER)
+        rec.add("crossover_2T2_over_pD_measured", None, method="measured", seed=seed, status="failed",
+                reason=NO_CROSSOVER, claim_id=cid)
+    else:
+        rec.add("crossover_size_measured", summary["measured_size"], method="measured", seed=seed)
+        rec.add("crossover_2T2_over_pD_measured", summary["measured_2T2_over_pD"], method="measured", seed=seed,
+                claim_id=cid)
+
+
 # ---------------------------------------------------------------------------- per-layer decisions
 def layer_decisions(model_name: str, resolution: int, num_classes: int = 10, batch_size: int = 2,
                     device: str | torch.device = "cpu", seed: int = 0) -> list[dict[str, Any]]:
@@ -250,13 +285,8 @@ def layer_decisions(model_name: str, resolution: int, num_classes: int = 10, bat
     The model is built like `dpbench bench` builds it (`dpbench.training.bench.build_model`: GroupNorm).
     Rows gain `model`, `resolution`, `two_T2` and `pD` (the two sides of the rule).
     """
-    import torch.nn.functional as F
-
-    from dpbench.training.bench import build_model
-    from dpbench.clipping import ClippingEngine
-
     torch.manual_seed(seed)
-    model = build_model(model_name, resolution, num_classes).to(device)
+    model = bench.build_model(model_name, resolution, num_classes).to(device)
     engine = ClippingEngine(model, max_grad_norm=1.0, method="mixed", check=False)
     try:
         g = torch.Generator().manual_seed(seed)
@@ -275,6 +305,53 @@ def layer_decisions(model_name: str, resolution: int, num_classes: int = 10, bat
     return table
 
 
+LAYER_COLUMNS = ["layer", "type", "T", "D", "p", "two_T2", "pD", "method"]
+
+
+def model_layer_decisions(rec, models: Sequence, *, device: str | torch.device = "cpu",
+                          seed: int = 0) -> list[dict[str, Any]]:
+    """`layer_decisions` for every "name@resolution:batch" of `models`, with tidy rows.
+
+    A model the engine refuses is a finding, not a crash: its `layers_ghost` row is failed
+    with the exception's one-line reason. Every model that ran gets `layers_ghost` and
+    `layers_instantiate` (how many layers the mixed rule sends each way). Returns all
+    models' layer rows.
+    """
+    rows: list[dict[str, Any]] = []
+    for name, res, _ in map(parse_model_spec, models):
+        try:
+            rows += layer_decisions(name, res, device=device, seed=seed)
+        except Exception as e:  # noqa: BLE001 -- any failure of a model is recorded, with its reason
+            rec.add("layers_ghost", None, method="mixed", status="failed", reason=f"{type(e).__name__}: {e}"[:300],
+                    model=name, resolution=res)
+    for (name, res), group in _by_model(rows).items():
+        rec.add("layers_ghost", sum(r["method"] == "ghost" for r in group), method="mixed", model=name,
+                resolution=res)
+        rec.add("layers_instantiate", sum(r["method"] == "instantiate" for r in group), method="mixed", model=name,
+                resolution=res)
+    return rows
+
+
+def _by_model(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    out: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault((r["model"], r["resolution"]), []).append(r)
+    return out
+
+
+def layer_decision_text(rows: Sequence[dict[str, Any]]) -> str:
+    """Per model: a heading (layer count, how many the mixed rule sends to ghost norm) and
+    the table of T, D, p, 2T^2, pD and the choice for each layer."""
+    import pandas as pd
+
+    parts = []
+    for (name, res), group in _by_model(rows).items():
+        n_ghost = sum(r["method"] == "ghost" for r in group)
+        table = pd.DataFrame(group)[LAYER_COLUMNS].to_string(index=False)
+        parts.append(f"\n{name}@{res}: {len(group)} trainable layers, mixed picks ghost for {n_ghost}\n{table}")
+    return "\n".join(parts)
+
+
 # ---------------------------------------------------------------------------- notebook 01 tables
 # Our bench names -> the paper's Table 4 names (claim ids C-t4-<model>-<method>-time-s/-mem-gb).
 # dpbench "instantiate" has no paper column: FastGradClip instantiates and then runs a second
@@ -287,9 +364,6 @@ PAPER_RESOLUTION = 32  # CIFAR-10
 
 def load_paper_values(path=None) -> dict[str, dict[str, Any]]:
     """Rows of references/paper_values.csv keyed by claim_id (value as float or None)."""
-    import csv
-    from pathlib import Path
-
     path = Path(path) if path else Path(__file__).resolve().parents[1] / "references" / "paper_values.csv"
     if not path.is_file():
         return {}
@@ -406,8 +480,6 @@ def notebook_cells(models: Sequence, methods: Sequence[str], *, device: str = "c
     """The `dpbench.training.bench.Cell`s notebook 01 measures: every (model, method) of `models`
     ("name@resolution:batch" each, see `parse_model_spec`) and, for claim B.1, `layer_style_methods` of
     `layer_style_model` again with per-layer clipping (style="layer")."""
-    from dpbench.training.bench import Cell, DPBENCH_METHODS, EXTRA_METHODS, METHODS as BENCH_METHODS
-
     if not models:
         raise UserError("models is empty; give at least one [name, resolution, batch_size]")
     bad = [m for m in methods if m not in BENCH_METHODS + EXTRA_METHODS]
@@ -470,3 +542,35 @@ def record_bench_rows(rec, rows: Sequence[dict[str, Any]], claims: dict | None =
                         claim_id=cid, **params)
             else:
                 rec.add(metric, v, method=r["method"], seed=seed, claim_id=cid, **params)
+
+
+ONE_PASS_METHODS = ("bk", "auto", "instantiate")
+
+
+def backward_passes(row: dict[str, Any]) -> int:
+    """Backward passes of one bench cell's step: two for flat clipping with ghost or mixed
+    norms (norms first, then the backward of sum_i c_i loss_i), one otherwise (non-private,
+    book-keeping, instantiation, and every per-layer style: a layer clips as backprop leaves it)."""
+    style = row.get("style") or "flat"
+    one = row["method"] == "nonprivate" or row["method"] in ONE_PASS_METHODS or style != "flat"
+    return 1 if one else 2
+
+
+def arm_label(row: dict[str, Any]) -> str:
+    """"<method> <style> (<n> pass[es])" of a bench row; the non-private arm has no style."""
+    style = row.get("style") or "flat"
+    passes = "1 pass" if backward_passes(row) == 1 else "2 passes"
+    return f"{row['method']} {style if row['method'] != 'nonprivate' else ''} ({passes})".replace("  ", " ")
+
+
+def flat_vs_layer_table(rows: Sequence[dict[str, Any]], model: str, methods: Sequence[str]):
+    """Claim B.1's arms of one model: non-private and `methods` in every style the bench ran,
+    labelled by `arm_label`, with time and memory ratios to non-private, the step's seconds
+    and MB, status and reason (a DataFrame, in the bench's row order)."""
+    import pandas as pd
+
+    sel = [r for r in rows if r["model"] == model and (r["method"] == "nonprivate" or r["method"] in methods)]
+    return pd.DataFrame([{"arm": arm_label(r), "x time": r["ratio_to_nonprivate"], "x mem": r["mem_ratio_to_nonprivate"],
+                          "step s": r["step_time_s"], "step MB": r["step_mem_mb"], "status": r["status"],
+                          "reason": r["reason"]} for r in sel],
+                        columns=["arm", "x time", "x mem", "step s", "step MB", "status", "reason"])
