@@ -28,6 +28,8 @@ def make_groups(style: str, params: "dict[str, torch.Tensor]", layer_of: "dict[s
     """Map group name -> parameter names (every trainable parameter in exactly one group).
 
     params: trainable name -> parameter, in model order; layer_of: name -> layer name.
+    Group order: style="groups" follows the groups= mapping as written (so does a list of
+    thresholds); the other styles follow model order.
     """
     if style not in STYLES:
         raise UserError(f"unknown style {style!r}; use one of {', '.join(STYLES)}")
@@ -54,6 +56,8 @@ def make_groups(style: str, params: "dict[str, torch.Tensor]", layer_of: "dict[s
         empty = [g for g in groups if g not in out]
         if empty:
             raise UserError(f"groups {', '.join(map(repr, empty))} match no trainable parameter; remove them")
+        # The order of the groups= mapping as written: a list of thresholds follows it.
+        out = {g: out[g] for g in groups}
     else:  # device
         for name, p in params.items():
             if placement is None:
@@ -80,7 +84,11 @@ def _patterns(pats, group):
 
 
 def resolve_thresholds(style: str, names: list[str], max_grad_norm: float, thresholds) -> "dict[str, float]":
-    """Per-group thresholds: flat -> C; otherwise None -> C/sqrt(K), a float, a list or a dict."""
+    """Per-group thresholds: flat -> C; otherwise None -> C/sqrt(K), a float, a list or a dict.
+
+    A list is matched to `names` in order (make_groups' order: for style="groups" the order of
+    the groups= mapping as written).
+    """
     _check_positive("max_grad_norm", max_grad_norm)
     K = len(names)
     if style == "flat":
