@@ -331,3 +331,49 @@ def test_notebook_curves_and_figures():
     for fig in (ap.plot_epsilon_vs_steps(rows1), ap.plot_noise_vs_sample_rate(rows2), ap.plot_noise_level_vs_batch_size(rows3)):
         assert fig.axes[0].get_lines()
         plt.close(fig)
+
+
+# ---------------------------------------------------------------- the shared cache and calibration
+
+
+def test_cache_is_keyed_by_the_event_and_shared_by_the_ledger():
+    A.clear_cache()
+    e1 = A.epsilon(1.3, 0.02, 400)
+    assert A.cache_info()["misses"] == 1
+    assert A.epsilon(1.3, 0.02, 400) == e1 and A.cache_info()["hits"] == 1
+    # a ledger with the same mechanism is the same event: no new accountant call
+    led = A.PrivacyLedger()
+    led.record_dpsgd(1.3, 0.02, 400)
+    assert led.epsilon() == e1 and A.cache_info()["misses"] == 1
+    # a different delta, accountant or event is a different entry with a different value
+    assert A.epsilon(1.3, 0.02, 400, delta=1e-6) > e1
+    assert A.epsilon(1.3, 0.02, 401) > e1
+    assert A.epsilon(1.3, 0.02, 400, accountant="pld") < e1
+    assert A.cache_info()["misses"] == 4
+    sigma = A.noise_multiplier(2.0, 0.02, 400, tol=1e-3)
+    misses = A.cache_info()["misses"]
+    assert A.noise_multiplier(2.0, 0.02, 400, tol=1e-3) == sigma and A.cache_info()["misses"] == misses
+    A.clear_cache()
+    assert A.cache_info() == {"hits": 0, "misses": 0, "entries": 0, "size": A.CACHE_SIZE}
+
+
+def test_gdp_clt_noise_multiplier_is_the_closed_form_inverse():
+    for q, steps, target in [(0.004, 2500, 1.0), (0.05, 200, 4.0), (1.0, 3, 0.5)]:
+        s = A.gdp_clt_noise_multiplier(target, q, steps)
+        assert A.gdp_clt_epsilon(s, q, steps) <= target
+        assert A.gdp_clt_epsilon(s, q, steps) == pytest.approx(target, rel=1e-6)
+        assert A.noise_multiplier(target, q, steps, accountant="gdp_clt") == s
+    with pytest.raises(UserError, match="too small"):
+        A.noise_multiplier(1e-9, 1.0, 100, accountant="gdp_clt")
+
+
+def test_calibration_counts_few_accountant_calls_from_the_warm_start():
+    # the CLT warm start and a 1.15 bracket: a handful of accountant evaluations, not dozens
+    A.clear_cache()
+    A.noise_multiplier(2.0, 0.01, 300, accountant="rdp", tol=1e-3)
+    assert A.cache_info()["misses"] <= 12
+
+
+def test_calibrate_gaussian_releases_refuses_the_clt_approximation():
+    with pytest.raises(UserError, match="unknown accountant"):
+        A.calibrate_gaussian_releases(1.0, 3, 1e-5, "gdp_clt")

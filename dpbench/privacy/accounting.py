@@ -15,6 +15,16 @@ DP-SGD steps are Poisson-subsampled Gaussian mechanisms (noise multiplier sigma,
 sensitivity 1 after clipping); unsampled releases (sufficient statistics, counts) are
 plain Gaussian mechanisms with sensitivity 1.
 
+Results are memoised in one process-wide cache keyed by the event (`repr` of the DpEvent,
+which spells out every noise multiplier, rate and count), the accountant and delta or the
+epsilon target: `event_epsilon`, `epsilon`, `epsilon_curve`, `noise_multiplier`,
+`calibrate_gaussian_releases` and `PrivacyLedger.epsilon` all share it, so sweeps that repeat
+a mechanism for every seed account it once (`cache_info`, `clear_cache`).
+
+Calibration (epsilon -> noise) is dp-accounting's `calibrate_dp_mechanism` on the log of the
+noise scale, inside a bracket found from a warm start (the CLT estimate for DP-SGD, the exact
+Gaussian mechanism for unsampled releases).
+
 `import dpbench.privacy.accounting` does not import dp_accounting or scipy: they are imported
 inside the functions that need them.
 """
@@ -25,8 +35,9 @@ import contextlib
 import json
 import math
 import os
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from dpbench.errors import UserError
 
@@ -57,6 +68,8 @@ PLD_AUTO_CONSTANT = 0.03
 
 SIGMA_MAX = 1e5  # noise multipliers beyond this are refused as impossible targets
 SIGMA_MIN = 1e-3
+
+CACHE_SIZE = 8192  # accounting results kept (least recently used dropped first)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -134,6 +147,55 @@ def _quiet_absl():
         absl_logging.set_verbosity(old)
 
 
+# ---------------------------------------------------------------------------- cache
+
+
+class _AccountingCache:
+    """Process-wide memo of accounting results; the least recently used entry goes first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple, Any] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        if key in self.entries:
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        self.misses += 1
+        value = compute()
+        self.entries[key] = value
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return value
+
+
+_CACHE = _AccountingCache(CACHE_SIZE)
+
+
+def _cached(kind: str, event, accountant: str, target: float, extra: tuple, compute: Callable[[], Any]) -> Any:
+    """`compute()`, memoised under (kind, repr(event), accountant, target, extra).
+
+    A DpEvent's repr names its class and every field (floats round-trip exactly), so two
+    events with the same repr are the same mechanism; `target` is delta for an epsilon and
+    the epsilon target for a calibration."""
+    return _CACHE.get((kind, repr(event), accountant, float(target), extra), compute)
+
+
+def cache_info() -> dict[str, int]:
+    """Hits, misses and entries of the shared accounting cache (see the module docstring)."""
+    return {"hits": _CACHE.hits, "misses": _CACHE.misses, "entries": len(_CACHE.entries), "size": _CACHE.size}
+
+
+def clear_cache() -> None:
+    """Empty the shared accounting cache (results are pure functions of their key, so this
+    only costs time; tests use it to count accountant calls)."""
+    _CACHE.entries.clear()
+    _CACHE.hits = _CACHE.misses = 0
+
+
 # ---------------------------------------------------------------------------- events
 
 
@@ -186,23 +248,34 @@ def pld_interval(total_compositions: int) -> float:
     return min(PLD_MAX_INTERVAL, max(PLD_MIN_INTERVAL, PLD_AUTO_CONSTANT / math.sqrt(t)))
 
 
+def _new_accountant(accountant: str, pld_discretization: float | None):
+    """A fresh dp-accounting accountant: RDP over RDP_ORDERS, or PLD at this interval."""
+    import dp_accounting as dpa
+
+    if accountant == "rdp":
+        return dpa.rdp.RdpAccountant(orders=list(RDP_ORDERS))
+    return dpa.pld.PLDAccountant(value_discretization_interval=float(pld_discretization))
+
+
 def event_epsilon(event, delta: float = DEFAULT_DELTA, accountant: str = "rdp", pld_discretization: float | None = None) -> float:
-    """Epsilon at `delta` of any dp_accounting event under the RDP or PLD accountant."""
+    """Epsilon at `delta` of any dp_accounting event under the RDP or PLD accountant
+    (memoised in the shared cache: see `cache_info`)."""
     import dp_accounting as dpa
 
     _check_accountant(accountant, allow_approximate=False)
     d = _check_delta_value(delta)
     if isinstance(event, dpa.NoOpDpEvent):
         return 0.0
-    with _quiet_absl():
-        if accountant == "rdp":
-            acc = dpa.rdp.RdpAccountant(orders=list(RDP_ORDERS))
-        else:
-            interval = pld_discretization or pld_interval(_count_compositions(event))
-            acc = dpa.pld.PLDAccountant(value_discretization_interval=float(interval))
-        acc.compose(event)
-        eps = float(acc.get_epsilon(d))
-    return max(eps, 0.0)
+    interval = None
+    if accountant == "pld":
+        interval = float(pld_discretization or pld_interval(_count_compositions(event)))
+
+    def compute() -> float:
+        with _quiet_absl():
+            acc = _new_accountant(accountant, interval).compose(event)
+            return max(float(acc.get_epsilon(d)), 0.0)
+
+    return _cached("epsilon", event, accountant, d, (interval,), compute)
 
 
 # ---------------------------------------------------------------------------- closed forms
@@ -228,19 +301,12 @@ def gaussian_mechanism_epsilon(noise_multiplier: float, delta: float = DEFAULT_D
     `k` releases with noise multiplier s compose exactly to one with s / sqrt(k); a
     mu-GDP mechanism is this with s = 1 / mu.
     """
-    from scipy.optimize import brentq
+    import dp_accounting as dpa
 
     s, d = _check_sigma(noise_multiplier), _check_delta_value(delta)
     if s == 0.0:
         return math.inf
-    if gaussian_delta(0.0, s) <= d:
-        return 0.0
-    hi = 1.0
-    while gaussian_delta(hi, s) > d:
-        hi *= 2.0
-        if hi > 1e6:
-            return math.inf
-    return float(brentq(lambda e: gaussian_delta(e, s) - d, 0.0, hi, xtol=1e-12, rtol=1e-12))
+    return float(dpa.get_epsilon_gaussian(s, d))
 
 
 def gdp_clt_mu(noise_multiplier: float, sample_rate: float, steps: int) -> float:
@@ -352,22 +418,20 @@ def epsilon_curve(
     if accountant != "rdp" or noise_multiplier == 0 or sample_rate == 0:
         return [epsilon(noise_multiplier, sample_rate, t, delta, accountant, pld_discretization) for t in steps_list]
     import dp_accounting as dpa
-    import numpy as np
-    from dp_accounting.rdp import rdp_privacy_accountant as rdp_mod
 
     d = _check_delta_value(delta)
-    with _quiet_absl():
-        acc = dpa.rdp.RdpAccountant(orders=list(RDP_ORDERS))
-        acc.compose(dpsgd_event(noise_multiplier, sample_rate, 1))
-        per_step = np.asarray(getattr(acc, "rdp", None) if hasattr(acc, "rdp") else acc._rdp, dtype=float)
-        out = []
-        for t in steps_list:
-            if t == 0:
-                out.append(0.0)
-                continue
-            eps, _ = rdp_mod.compute_epsilon(list(RDP_ORDERS), per_step * t, d)
-            out.append(max(float(eps), 0.0))
-    return out
+    step = dpsgd_event(noise_multiplier, sample_rate, 1)
+
+    def compute() -> list[float]:
+        with _quiet_absl():
+            per_step = _new_accountant("rdp", None).compose(step).rdp
+            out = []
+            for t in steps_list:
+                eps = dpa.rdp.compute_epsilon(list(RDP_ORDERS), per_step * t, d)[0] if t else 0.0
+                out.append(max(float(eps), 0.0))
+        return out
+
+    return list(_cached("curve", step, "rdp", d, tuple(steps_list), compute))
 
 
 def gaussian_composition_epsilon(noise_multipliers: Sequence[float], delta: float = DEFAULT_DELTA, accountant: str = "rdp", pld_discretization: float | None = None) -> float:
@@ -412,23 +476,50 @@ def _check_target(target_epsilon: float) -> float:
     return e
 
 
-def _solve_scale(eps_of_scale, target: float, tol: float, what: str, start: float = 1.0, factor: float = 2.0) -> float:
-    """Smallest scale s (within relative `tol`) with eps_of_scale(s) <= target, for a
-    decreasing eps_of_scale. Brackets from `start` by steps of `factor`, then solves on
-    log s (Brent's method on log eps), and returns a point verified to meet the target."""
-    from scipy.optimize import brentq
+def _calibration_accountant(accountant: str, pld_discretization: float | None):
+    """A dp-accounting `PrivacyAccountant` for `calibrate_dp_mechanism` whose epsilon is
+    `event_epsilon` of what it composed, so every point the search visits (bracket ends,
+    Brent's iterates, the final check) goes through the shared cache.
 
-    cache: dict[float, float] = {}
+    An infinite epsilon is reported as a large finite one: Brent's method only needs the sign
+    of epsilon - target, and a finite value keeps its interpolation defined."""
+    import dp_accounting as dpa
 
-    def f(log_s: float) -> float:
-        if log_s not in cache:
-            cache[log_s] = eps_of_scale(math.exp(log_s))
-        return cache[log_s]
+    class _Calibration(dpa.PrivacyAccountant):
+        def __init__(self) -> None:
+            super().__init__(dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
+
+        def _maybe_compose(self, event, count, do_compose):
+            return None  # everything is kept in `ledger` by the base class
+
+        def get_epsilon(self, target_delta: float) -> float:
+            return min(event_epsilon(self.ledger, target_delta, accountant, pld_discretization), 1e6)
+
+    return _Calibration()
+
+
+def _calibrate_scale(make_event: Callable[[float], Any], target: float, delta: float, accountant: str, tol: float,
+                     what: str, start: float = 1.0, factor: float = 2.0, pld_discretization: float | None = None) -> float:
+    """Smallest noise scale s (to relative `tol`) such that the event `make_event(s)` is
+    (target, delta)-DP under `accountant` ("rdp" or "pld"); epsilon must decrease in s.
+
+    The bracket is found on log s from the warm start `start` by steps of `factor` (a good
+    warm start and a small factor save accountant calls); dp-accounting's
+    `calibrate_dp_mechanism` then solves inside it (Brent's method on log s, tolerance
+    log(1 + tol) / 4, as the hand-written search before it), and returns a point whose
+    epsilon it has checked to be <= target."""
+    import dp_accounting as dpa
+
+    if accountant == "pld":  # one grid for the whole search: the event's size does not depend on s
+        pld_discretization = float(pld_discretization or pld_interval(_count_compositions(make_event(1.0))))
+
+    def eps_at(log_s: float) -> float:
+        return event_epsilon(make_event(math.exp(log_s)), delta, accountant, pld_discretization)
 
     step = math.log(factor)
     lo = hi = math.log(min(max(start, SIGMA_MIN), SIGMA_MAX))
-    if f(hi) > target:
-        while f(hi) > target:
+    if eps_at(hi) > target:
+        while eps_at(hi) > target:
             lo, hi = hi, hi + step
             if hi > math.log(SIGMA_MAX):
                 raise UserError(
@@ -436,23 +527,40 @@ def _solve_scale(eps_of_scale, target: float, tol: float, what: str, start: floa
                     f"the target is too small for these settings (raise epsilon or delta, or lower the sampling rate or steps)"
                 )
     else:
-        while f(lo) <= target:
+        while eps_at(lo) <= target:
             hi, lo = lo, lo - step
             if lo < math.log(SIGMA_MIN):
                 return math.exp(hi)  # any noise >= this reaches the target
+    with _quiet_absl():
+        log_s = dpa.calibrate_dp_mechanism(
+            lambda: _calibration_accountant(accountant, pld_discretization),
+            lambda x: make_event(math.exp(x)),
+            target, delta, dpa.ExplicitBracketInterval(lo, hi), tol=math.log1p(tol) / 4,
+        )
+    return math.exp(log_s)
 
-    def g(log_s: float) -> float:
-        e = f(log_s)
-        # log keeps Brent's interpolation sensible; clamp inf to stay in the bracket
-        return (math.log(e) if 0 < e < math.inf else (50.0 if e == math.inf else -50.0)) - math.log(target)
 
-    xtol = math.log1p(tol) / 4
-    root = brentq(g, lo, hi, xtol=xtol, maxiter=200)
-    # Return a point we have verified to satisfy the target (conservative side).
-    s_log = root
-    while f(s_log) > target:
-        s_log += xtol
-    return math.exp(s_log)
+def gdp_clt_noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delta: float = DEFAULT_DELTA) -> float:
+    """The noise multiplier at which the CLT Gaussian-DP approximation of DP-SGD gives
+    `target_epsilon`, in closed form: mu is the GDP parameter of the exact Gaussian
+    mechanism at (eps, delta) (dp-accounting's `get_sigma_gaussian`, mu = 1/sigma), and
+    q sqrt(T (e^{1/s^2} - 1)) = mu gives s = (log(1 + mu^2 / (q^2 T)))^-1/2.
+
+    An approximation (see `gdp_clt_epsilon`); also the warm start of `noise_multiplier`.
+    Returns 0.0 when no step touches the data."""
+    import dp_accounting as dpa
+
+    eps = _check_target(target_epsilon)
+    q, t, d = _check_rate(sample_rate), _check_steps(steps), _check_delta_value(delta)
+    if t == 0 or q == 0.0:
+        return 0.0
+    mu = 1.0 / float(dpa.get_sigma_gaussian(eps, d))
+    s = 1.0 / math.sqrt(math.log1p(mu**2 / (q**2 * t)))
+    for _ in range(60):  # root-finding leaves ~1e-12 of slack: step to the safe side
+        if gdp_clt_epsilon(s, q, t, d) <= eps:
+            break
+        s *= 1.0 + 1e-9
+    return s
 
 
 def noise_multiplier(
@@ -466,7 +574,8 @@ def noise_multiplier(
 ) -> float:
     """The smallest noise multiplier (to relative `tol`) such that `steps` DP-SGD steps at
     `sample_rate` are (target_epsilon, delta)-DP under `accountant`. The returned value
-    always satisfies the target (epsilon(result) <= target_epsilon).
+    always satisfies the target (epsilon(result) <= target_epsilon). Memoised in the
+    shared cache.
 
     Raises `UserError` for a non-positive target or one that needs sigma > 1e5.
     Returns 0.0 when no step touches the data (steps == 0 or sample_rate == 0).
@@ -477,16 +586,22 @@ def noise_multiplier(
     if t == 0 or q == 0.0:
         return 0.0
     what = f"noise_multiplier(eps={eps:g}, q={q:g}, steps={t}, delta={d:g}, {accountant})"
-    start, factor = 1.0, 2.0
-    if accountant != "gdp_clt":
+    if accountant == "gdp_clt":
+        sigma = gdp_clt_noise_multiplier(eps, q, t, d)
+        if sigma > SIGMA_MAX:
+            raise UserError(f"{what}: the noise multiplier {sigma:.3g} is above {SIGMA_MAX:g}; the target is too small "
+                            "for these settings (raise epsilon or delta, or lower the sampling rate or steps)")
+        return sigma
+
+    def compute() -> float:
         # The CLT approximation is cheap and usually within ~10% of the RDP/PLD answer:
         # start there and bracket with small steps to save expensive accountant calls.
-        try:
-            start = _solve_scale(lambda s: gdp_clt_epsilon(s, q, t, d), eps, 1e-2, what)
-            factor = 1.15
-        except UserError:
-            pass
-    return _solve_scale(lambda s: epsilon(s, q, t, d, accountant, pld_discretization), eps, tol, what, start, factor)
+        start = min(gdp_clt_noise_multiplier(eps, q, t, d), SIGMA_MAX)
+        return _calibrate_scale(lambda s: dpsgd_event(s, q, t), eps, d, accountant, tol, what, start, 1.15,
+                                pld_discretization)
+
+    return _cached("noise_multiplier", dpsgd_event(1.0, q, t), accountant, eps, (d, float(tol), pld_discretization),
+                   compute)
 
 
 def calibrate_gaussian_releases(
@@ -497,7 +612,7 @@ def calibrate_gaussian_releases(
     tol: float = 1e-3,
 ) -> list[float]:
     """Noise multipliers for unsampled Gaussian releases (sensitivity 1 each) that together
-    are (target_epsilon, delta)-DP.
+    are (target_epsilon, delta)-DP under "rdp" or "pld". Memoised in the shared cache.
 
     `weights_or_count` is either a number of releases (all get the same multiplier) or a
     list of budget weights w_j: release j gets the fraction w_j / sum(w) of the total
@@ -511,13 +626,27 @@ def calibrate_gaussian_releases(
         return []
     if any(not w > 0 for w in weights):
         raise UserError(f"release weights must be > 0, got {weights}")
+    _check_accountant(accountant, allow_approximate=False)
+    d = _check_delta_value(delta)
     total = sum(weights)
     shape = [math.sqrt(total / w) for w in weights]
     eps = _check_target(target_epsilon)
-    scale = _solve_scale(
-        lambda s: gaussian_composition_epsilon([s * c for c in shape], delta, accountant),
-        eps, tol, f"calibrate_gaussian_releases(eps={eps:g}, releases={len(weights)})",
-    )
+
+    groups = Counter(shape)  # equal multipliers compose as one self-composed Gaussian
+
+    def make_event(scale: float):
+        return _compose([gaussian_event(scale * c, k) for c, k in groups.items()])
+
+    def compute() -> float:
+        # Warm start: the exact Gaussian mechanism (the releases compose to one Gaussian with
+        # 1/s_eff^2 = sum_j 1/(s c_j)^2); no valid accountant needs less noise than that.
+        import dp_accounting as dpa
+
+        start = float(dpa.get_sigma_gaussian(eps, d)) * math.sqrt(sum(c**-2 for c in shape))
+        what = f"calibrate_gaussian_releases(eps={eps:g}, releases={len(weights)})"
+        return _calibrate_scale(make_event, eps, d, accountant, tol, what, min(start, SIGMA_MAX), 1.15)
+
+    scale = _cached("gaussian_releases", make_event(1.0), accountant, eps, (d, float(tol)), compute)
     return [scale * c for c in shape]
 
 
@@ -587,7 +716,6 @@ class PrivacyLedger:
         if isinstance(self.world_size, bool) or int(self.world_size) != self.world_size or self.world_size < 1:
             raise UserError(f"world_size must be a positive integer, got {self.world_size!r}")
         self.world_size = int(self.world_size)
-        self._cache: dict[tuple, float] = {}
 
     # -- recording
     def record_dpsgd(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
@@ -636,12 +764,10 @@ class PrivacyLedger:
         return _compose(parts)
 
     def epsilon(self, accountant: str | None = None) -> float:
-        """Epsilon at the ledger's delta of everything recorded so far."""
+        """Epsilon at the ledger's delta of everything recorded so far (through
+        `event_epsilon`, so ledgers with the same events share one cached result)."""
         acc = _check_accountant(accountant or self.accountant, allow_approximate=False)
-        key = (acc, json.dumps(self.events, sort_keys=True))
-        if key not in self._cache:
-            self._cache[key] = event_epsilon(self.dp_event(), self.delta, acc)
-        return self._cache[key]
+        return event_epsilon(self.dp_event(), self.delta, acc)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary: events, accountant, delta, n, adjacency, world size,

@@ -219,7 +219,7 @@ def rdp_curve(base: Any, orders: Sequence[float] | None = None) -> tuple[np.ndar
     with accounting._quiet_absl():
         acc = dpa.rdp.RdpAccountant(orders=orders)
         acc.compose(event)
-    return np.asarray(acc._orders, dtype=float), np.asarray(acc._rdp, dtype=float)
+    return np.asarray(acc.orders, dtype=float), np.asarray(acc.rdp, dtype=float)
 
 
 def _as_event(base: Any):
