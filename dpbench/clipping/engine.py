@@ -39,6 +39,7 @@ terms). A parameter owned by two modules (tied weights) is refused.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping, Sequence
 
@@ -312,6 +313,7 @@ class ClippingEngine:
             raise UserError("per_sample_losses do not require grad: run the forward pass with gradients enabled "
                             "(not under torch.no_grad()) before engine.backward")
         self._check_state()
+        self.check_no_raw_gradients()
         B = losses.shape[0]
         try:
             if B == 0:
@@ -528,6 +530,58 @@ class ClippingEngine:
             rows.append({"layer": l.name, "type": type(l.module).__name__, "params": ",".join(l.names),
                          "T": T, "D": D, "p": p, "method": l.method, "note": "; ".join(notes)})
         return rows
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Record nothing inside: forward and backward passes run as on the bare model.
+
+        Like Opacus's `disable_hooks`, for public-data gradients or canary scoring on the
+        model this engine clips, without a copy of the model. A backward pass inside writes
+        raw (unclipped) gradients into `.grad`; they must never reach a private step, so
+        `backward` (and `DPOptimizer.step`) refuse while a parameter still holds them, until
+        they are cleared (`zero_grad`) or consumed (`DPOptimizer.public_step`).
+        `torch.autograd.grad` writes no .grad and needs no clearing. Nested use is a no-op.
+        """
+        if getattr(self, "_paused", False):
+            yield self
+            return
+        if any(l.uses for l in self._layers):
+            raise UserError("a forward pass was recorded but not backpropagated; call engine.backward(losses) "
+                            "before pausing the engine")
+        hooked = bool(self._handles)
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        # References (not ids) to the current gradients, so that a replaced or updated
+        # .grad is told apart from an untouched one.
+        before = {n: (p.grad, None if p.grad is None else p.grad._version) for n, p in self._params.items()}
+        self._paused = True
+        try:
+            yield self
+        finally:
+            self._paused = False
+            for l in self._layers:
+                l.uses, l.stash, l.pending = [], None, None
+            if hooked:
+                self._register_hooks()
+            raw = getattr(self, "_raw_grads", set())
+            for n, p in self._params.items():
+                g, v = before[n]
+                if p.grad is not g or (g is not None and g._version != v):
+                    raw.add(n)
+            self._raw_grads = raw
+
+    def check_no_raw_gradients(self) -> None:
+        """Raise UserError if a parameter holds raw gradients written while the engine was paused."""
+        raw = getattr(self, "_raw_grads", None)
+        if not raw:
+            return
+        left = [n for n in raw if self._params[n].grad is not None and bool(self._params[n].grad.any())]
+        if left:
+            raise UserError(f"{len(left)} parameters (e.g. {left[0]!r}) hold raw gradients written while the engine "
+                            "was paused; clear them (optimizer.zero_grad()) or consume them in a public step "
+                            "(DPOptimizer.public_step) before a private step")
+        raw.clear()
 
     def remove(self) -> None:
         """Detach every hook and restore any parameter swapped during a forward pass."""

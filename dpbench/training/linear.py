@@ -613,7 +613,7 @@ def dp_sgd_logistic(
         raise UserError("the classic conversion covers unsampled Gaussian releases only; use batch_size=None "
                         "(full batch) or conversion='rdp'/'pld'")
     from dpbench.privacy import accounting
-    from dpbench.training.loop import fit
+    from dpbench.training.loop import BatchSpec, ClipSpec, EvalSpec, OptimSpec, PrivacySpec, fit
 
     seed = 0 if seed is None else int(seed)
     torch.manual_seed(seed)
@@ -631,11 +631,12 @@ def dp_sgd_logistic(
     info = dict(batch_size=bs, sample_rate=q, steps=steps, lr=lr, optimizer=optimizer, loss=loss, init=init,
                 grad_clip=grad_clip, d=d, num_classes=num_classes)
     method = f"dp_{optimizer}"
-    common = dict(steps=steps, sample_rate=q, optimizer=optimizer, lr=lr,
-                  optimizer_kwargs={"momentum": momentum} if optimizer == "sgd" else None,
-                  loss_fn=per_example_loss, eval_every=steps, seed=seed, device=device, progress=False)
+    common = dict(batching=BatchSpec(steps=steps, sample_rate=q),
+                  optim=OptimSpec(optimizer=optimizer, lr=lr, loss_fn=per_example_loss,
+                                  kwargs={"momentum": momentum} if optimizer == "sgd" else None),
+                  evaluation=EvalSpec(every=None, progress=False), seed=seed, device=device)
     if epsilon is None:
-        fit(head, (x, y), private=False, **common)
+        fit(head, (x, y), privacy=None, **common)
         return _non_private(method, head.weight.detach().clone(), head.bias.detach().clone(), clip_norm,
                             delta, conversion, info)
     if q == 1.0:  # full batch: every step is one unsampled Gaussian release
@@ -643,8 +644,9 @@ def dp_sgd_logistic(
     else:
         sigma = _sampled_sigma(float(epsilon), q, steps, float(delta), conversion)
     ledger = accounting.PrivacyLedger(delta=delta, n=n, accountant="pld" if conversion == "pld" else "rdp")
-    fit(head, (x, y), private=True, noise_multiplier=sigma, delta=delta, max_grad_norm=grad_clip, ledger=ledger,
-        accountant=ledger.accountant, **common)
+    fit(head, (x, y), privacy=PrivacySpec(noise_multiplier=sigma, delta=delta, ledger=ledger,
+                                          accountant=ledger.accountant),
+        clipping=ClipSpec(max_grad_norm=grad_clip), **common)
     if q == 1.0:
         epsilons = {conv: composition_epsilon([sigma] * steps, delta, conv) for conv in CONVERSIONS}
     else:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -135,6 +135,7 @@ class DPOptimizer:
         self.fault_sample_rate = None if fault_sample_rate is None else float(fault_sample_rate)
         self.seed = int(seed) if seed is not None else (None if secure_rng else secrets.randbits(62))
         self.steps_taken = 0
+        self.public_steps = 0  # steps on public gradients only (public_step), never noised
         self.physical_steps = 0  # inner-optimizer steps taken by the step-every-physical fault
         self.samples_in_batch = 0
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -249,13 +250,48 @@ class DPOptimizer:
                                     dtype=p.grad.dtype, device=p.grad.device)
             p.grad.add_(noise, alpha=std)
 
-    def step(self, closure=None) -> None:
-        """Finish the logical batch: noise once, divide by E[B], step, count."""
+    def _check_no_raw_gradients(self) -> None:
+        """Refuse gradients written while the engine was paused (see ClippingEngine.paused)."""
+        check = getattr(self.engine, "check_no_raw_gradients", None)
+        if check is not None:
+            check()
+
+    def step(self, closure=None, *, before_update: Callable[[], Any] | None = None) -> None:
+        """Finish the logical batch: noise once, divide by E[B], step, count.
+
+        This is the only way a private step is taken: `steps_taken` counts exactly the noisy
+        releases. `before_update()` runs after the noise and before the inner optimizer's
+        step (post-processing of the released gradient, e.g. mixing in a public gradient).
+        """
         if closure is not None:
             raise UserError("DPOptimizer.step takes no closure: compute losses and call opt.backward() per chunk")
+        self._check_no_raw_gradients()
         self.add_noise()
+        if before_update is not None:
+            before_update()
         self.optimizer.step()
         self.steps_taken += 1
+
+    def public_step(self, grads: Sequence[torch.Tensor] | None = None, *,
+                    before_update: Callable[[], Any] | None = None) -> None:
+        """A step on public gradients only: no private data, no noise, no privacy cost.
+
+        `grads` (one per trainable parameter) replace .grad; None steps on the current .grad
+        (e.g. raw gradients of a public batch written while the engine was paused). The
+        gradients are consumed: .grad is cleared afterwards. Not counted in `steps_taken`.
+        """
+        if grads is not None:
+            grads = list(grads)
+            if len(grads) != len(self.params):
+                raise UserError(f"public_step got {len(grads)} gradients for {len(self.params)} trainable parameters")
+            for p, g in zip(self.params, grads):
+                p.grad = g.detach().clone()
+        self._fill_missing_grads()
+        if before_update is not None:
+            before_update()
+        self.optimizer.step()
+        self.zero_grad()
+        self.public_steps += 1
 
     def __repr__(self) -> str:
         faults = [n for n in ("fault_no_noise", "fault_step_every_physical") if getattr(self, n)]
