@@ -119,15 +119,16 @@ def test_apply_subset_sets_requires_grad(resnet):
 ])
 def test_frozen_parameters_unchanged_after_dp_training(name, subset, kw, size):
     """DP fine-tuning through the shared loop (engine + DPOptimizer) never moves a frozen weight."""
-    from dpbench.training.loop import fit
+    from dpbench.training.loop import BatchSpec, ClipSpec, EvalSpec, OptimSpec, PrivacySpec, fit
 
     torch.manual_seed(0)
     model = M.create_model(name, 4, zero_head=False, **kw)
     trained = set(M.apply_subset(model, subset))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x, y = torch.randn(8, 3, size, size), torch.randint(0, 4, (8,))
-    res = fit(model, (x, y), steps=2, expected_batch_size=4, noise_multiplier=1.0, lr=0.5, delta=1e-3,
-              max_grad_norm=1.0, progress=False, seed=0)
+    res = fit(model, (x, y), batching=BatchSpec(steps=2, expected_batch_size=4),
+              privacy=PrivacySpec(noise_multiplier=1.0, delta=1e-3), clipping=ClipSpec(max_grad_norm=1.0),
+              optim=OptimSpec(lr=0.5), evaluation=EvalSpec(progress=False), seed=0)
     assert res.steps == 2 and res.ledger.steps == 2
     for n, p in model.named_parameters():
         if n in trained:

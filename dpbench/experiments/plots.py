@@ -67,3 +67,13 @@ def bars_marking_missing(ax, labels: Sequence[str], values: Sequence[float | Non
             ax.text(i, 0.02, missing_text, rotation=90, ha="center", va="bottom", fontsize=7,
                     transform=ax.get_xaxis_transform())
     ax.set_xticks(range(len(vals)), list(labels), rotation=rotation, ha="right")
+
+
+def mean_sd_band(ax, df, metric: str, label: str, x: str = "step", **kwargs):
+    """The mean of `metric` over the rows sharing each `x` (e.g. seeds) as a line, with a
+    ±1 sd band in the line's colour (no band where one row: sd 0). Keywords go to `plot`."""
+    g = df.groupby(x)[metric]
+    m, sd = g.mean(), g.std().fillna(0.0)
+    line, = ax.plot(m.index, m.values, label=label, **kwargs)
+    ax.fill_between(m.index, (m - sd).values, (m + sd).values, alpha=0.2, color=line.get_color())
+    return line
