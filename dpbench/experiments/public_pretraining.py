@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from dpbench.data import load_dataset
+from dpbench.errors import UserError
 from dpbench.models import create_model
 from dpbench.privacy import accounting
 from dpbench.training import diagnostics, mixing
@@ -87,7 +88,10 @@ class Arms:
             reset: str | None = None, on_switch: Callable | None = None, method: str = "") -> mixing.MixedResult:
         """One arm: a fresh model (created after `torch.manual_seed(seed)`) trained by
         `fit_mixed` on the split at `fraction` (default: the main one) under `schedule`."""
-        part = self.splits[self.public_fraction if fraction is None else fraction]
+        fraction = self.public_fraction if fraction is None else fraction
+        if fraction not in self.splits:
+            raise UserError(f"public fraction {fraction:g} was not split; add it to public_fractions")
+        part = self.splits[fraction]
         sched = mixing.make_schedule(schedule, self.steps, switch_step=self.switch_step,
                                      n_public=part.n_public, n_private=part.n_private)
         torch.manual_seed(seed)
@@ -420,7 +424,7 @@ def check_checkpoint(path: str | Path, private: Any, whole: Any) -> tuple[mixing
     mixing.check_no_overlap(info, private)
     try:
         mixing.check_no_overlap(info, whole)
-    except mixing.UserError as e:
+    except UserError as e:
         return info, str(e)
     raise AssertionError("overlap not detected")
 
