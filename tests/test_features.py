@@ -119,33 +119,38 @@ def test_synthetic_features_are_seeded_and_shaped():
     assert not torch.equal(a.train.features[:50], a.test.features)  # independent streams
 
 
-def test_load_backbone_falls_back_to_public_training():
+def test_public_backbone_trains_on_public_examples_only():
     from dpbench.data import load_dataset
 
     ds = load_dataset("digits", "train")
     pub = (ds.x[:200], ds.y[:200])
-    with pytest.raises(UserError, match="no backbone"):
-        F.load_backbone("small_cnn", num_classes=10, prefer=("timm", "checkpoint"))
-    bb = F.load_backbone("small_cnn", num_classes=10, public=pub, public_epochs=1, prefer=("timm", "checkpoint", "public"))
-    assert bb.source == "public" and "not a timm model" in bb.note and "trained non-privately on 200" in bb.note
-    assert not any(p.requires_grad for p in bb.model.parameters())
+    bb = F.public_backbone("small_cnn", pub, 10, epochs=1)
+    assert bb.source == "public" and bb.note == "small_cnn trained non-privately on 200 public examples"
+    assert bb.info["public_examples"] == 200 and bb.weights_id == F.weights_hash(bb.model)
+    assert not any(p.requires_grad for p in bb.model.parameters()) and not bb.model.training
     feats = F.extract_features(bb.model, ds.x[:10], progress=False)
     assert feats.shape[0] == 10 and feats.shape[1] == bb.model.num_features
+    # seeded: the same public examples and seed give the same weights, another seed does not
+    assert F.public_backbone("small_cnn", pub, 10, epochs=1).weights_id == bb.weights_id
+    assert F.public_backbone("small_cnn", pub, 10, epochs=1, seed=1).weights_id != bb.weights_id
 
 
-def test_load_backbone_from_explicit_checkpoint(tmp_path):
+def test_checkpoint_backbone_loads_the_saved_weights(tmp_path):
     from dpbench.models import create_model, save_checkpoint
 
     model = create_model("small_cnn", num_classes=10, in_chans=1, img_size=8, zero_head=False)
     path = save_checkpoint(model, tmp_path / "public.safetensors")
     x = torch.randn(4, 1, 8, 8)
-    bb = F.load_backbone("small_cnn", num_classes=10, prefer=("checkpoint",), checkpoint=path,
-                         public=(x, torch.zeros(4, dtype=torch.long)))
+    bb = F.checkpoint_backbone("small_cnn", path, num_classes=10, public=(x, torch.zeros(4, dtype=torch.long)))
     assert bb.source == "checkpoint" and bb.weights_id == F.weights_hash(model)
+    assert bb.info["path"] == str(path) and str(path) in bb.note
+    assert not any(p.requires_grad for p in bb.model.parameters())
+    with pytest.raises(Exception):
+        F.checkpoint_backbone("small_cnn", tmp_path / "missing.safetensors", num_classes=10)
 
 
 def test_timm_weights_from_local_cache(tmp_path, monkeypatch):
-    """The "timm" option loads safetensors weights from the local hub cache without the network."""
+    """timm_backbone loads safetensors weights from the local hub cache without the network."""
     import timm
     from safetensors.torch import save_file
 
@@ -154,8 +159,8 @@ def test_timm_weights_from_local_cache(tmp_path, monkeypatch):
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
     monkeypatch.setattr(F, "_timm_cached_safetensors", lambda name: str(path))
     monkeypatch.setattr(F, "_hub_reachable", lambda *a, **k: pytest.fail("must not touch the network"))
-    bb = F.load_backbone("test_resnet", num_classes=10, prefer=("timm",))
-    assert bb.source == "timm" and "local cache" in bb.note
+    bb, note = F.timm_backbone("test_resnet")
+    assert bb.source == "timm" and "local cache" in note and bb.note == note
     x = torch.randn(2, 3, 32, 32)
     feats = F.extract_features(bb.model, x, progress=False)
     ref.reset_classifier(0)
@@ -165,5 +170,7 @@ def test_timm_weights_from_local_cache(tmp_path, monkeypatch):
 def test_timm_offline_is_a_note_not_an_error(monkeypatch):
     monkeypatch.setattr(F, "_timm_cached_safetensors", lambda name: None)
     monkeypatch.setattr(F, "_hub_reachable", lambda *a, **k: False)
-    with pytest.raises(UserError, match="unreachable"):
-        F.load_backbone("test_resnet", num_classes=10, prefer=("timm",))
+    bb, note = F.timm_backbone("test_resnet")
+    assert bb is None and "unreachable" in note
+    bb, note = F.timm_backbone("small_cnn")
+    assert bb is None and "not a timm model" in note

@@ -5,14 +5,13 @@ on disk (safetensors, written atomically), keyed by a hash of (model name, weigh
 data set name, split, size, transform). `cached_features` returns them with the labels and
 says whether the cache was hit.
 
-Backbones (`load_backbone`), in order of preference:
-1. "timm": timm's pretrained weights for a timm model name, when they can be fetched (or
-   are in the local Hugging Face cache). Offline this fails; the reason is kept in the
-   returned note and the next option is tried.
-2. "checkpoint": the public checkpoint written by notebook 03 (03_public_pretraining),
-   found through `dpbench.workbench.runner.upstream_dir`, or an explicit path.
-3. "public": a model trained non-privately on the public split of the data set here.
-The returned `Backbone.source` and `.note` say which one was used and why.
+Backbones, each returned as a `Backbone` whose `.source` and `.note` say where it came from:
+- `timm_backbone`: timm's pretrained weights for a timm model name, when they can be fetched
+  (or are in the local Hugging Face cache); offline it returns None and the reason;
+- `checkpoint_backbone`: a dpbench.models model loaded from a safetensors checkpoint path;
+- `public_backbone`: a model trained non-privately here on public examples.
+Which one to use, and where an upstream checkpoint lives, is the caller's decision
+(`dpbench.experiments.last_layer_features.select_backbone`).
 
 Raw normalised pixels are also offered as features (`pixel_features`).
 
@@ -27,16 +26,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from tqdm.auto import tqdm
 
+from dpbench.atomic import write_atomic
 from dpbench.errors import UserError
+from dpbench.models import create_model, find_head, load_checkpoint
+from dpbench.training.loop import BatchSpec, EvalSpec, OptimSpec, fit
 
 FEATURE_CACHE_ENV = "DPBENCH_FEATURES"
 FORMAT_VERSION = 1
@@ -104,10 +109,6 @@ class FeatureSet:
 
 def save_features(path: str | os.PathLike, features: torch.Tensor, labels: torch.Tensor, meta: dict | None = None) -> Path:
     """Write features and labels as safetensors, atomically (temporary file + rename)."""
-    from safetensors.torch import save
-
-    from dpbench.atomic import write_atomic
-
     blob = save(
         {"features": features.detach().cpu().float().contiguous(), "labels": labels.detach().cpu().long().contiguous()},
         metadata={"meta": json.dumps(meta or {}, sort_keys=True, default=str)},
@@ -117,8 +118,6 @@ def save_features(path: str | os.PathLike, features: torch.Tensor, labels: torch
 
 def load_features(path: str | os.PathLike) -> FeatureSet:
     """Read a file written by `save_features` (safetensors: no code is executed)."""
-    from safetensors import safe_open
-
     path = Path(path)
     with safe_open(str(path), framework="pt") as fh:
         meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
@@ -132,8 +131,6 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
 def _head_module(model: torch.nn.Module) -> torch.nn.Module | None:
     """The classifier whose input are the features (`dpbench.models.find_head`); None when
     the model has no head (then its output are the features, e.g. timm with num_classes=0)."""
-    from dpbench.models import find_head
-
     found = find_head(model)
     return None if found is None else found[1]
 
@@ -151,8 +148,6 @@ def extract_features(
     """Penultimate features of `model` (eval mode) for inputs `x` (N, C, H, W), batch by
     batch: the input of the classifier head, flattened. `resize` bilinearly resizes the
     images first (e.g. 32 -> 224 for ImageNet backbones). Returns float32 on the CPU."""
-    from tqdm.auto import tqdm
-
     dev = torch.device(device)
     model = model.to(dev).eval()
     head = _head_module(model)
@@ -287,8 +282,6 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     """Whether the weights host answers a TCP connection within `timeout` seconds."""
-    import socket
-
     try:
         with socket.create_connection((host, 443), timeout=timeout):
             return True
@@ -334,22 +327,33 @@ def _try_timm(name: str) -> tuple[torch.nn.Module | None, str]:
     return model, f"timm pretrained weights for {name!r} ({where})"
 
 
-def _find_checkpoint(profile: str | None, checkpoint: str | os.PathLike | None) -> tuple[Path | None, str]:
-    if checkpoint:
-        path = Path(checkpoint)
-        return (path, f"checkpoint {path}") if path.exists() else (None, f"checkpoint {path} does not exist")
-    if not profile:
-        return None, "no profile given to look up notebook 03's public checkpoint"
-    try:
-        from dpbench.workbench.runner import upstream_dir
+def timm_backbone(name: str, *, resize: int | None = None) -> tuple[Backbone | None, str]:
+    """timm's pretrained `name` without its classifier, frozen, from the local Hugging Face
+    cache or downloaded when the hub is reachable; (None, why not) otherwise."""
+    model, note = _try_timm(name)
+    if model is None:
+        return None, note
+    return Backbone(_freeze(model), name, "timm", f"timm:{name}", note, resize=resize), note
 
-        folder = upstream_dir(profile, "03_public_pretraining")
-    except Exception as exc:  # UserError when 03 has not run; ImportError if no runner
-        return None, f"no public checkpoint from 03_public_pretraining ({str(exc).splitlines()[0][:200]})"
-    found = sorted(Path(folder).rglob("*.safetensors"))
-    if not found:
-        return None, f"03_public_pretraining results at {folder} hold no *.safetensors checkpoint"
-    return found[0], f"notebook 03's public checkpoint {found[0]}"
+
+def checkpoint_backbone(
+    name: str,
+    path: str | os.PathLike,
+    *,
+    num_classes: int,
+    public: Any = None,
+    resize: int | None = None,
+    note: str = "",
+) -> Backbone:
+    """dpbench.models `name` with the weights of the safetensors checkpoint at `path`, frozen.
+    `public` ((x, y) or a data set) gives the input channels and image size, when known.
+    Raises whatever building or loading raises (a missing file, a shape mismatch)."""
+    x, _ = _xy(public) if public is not None else (None, None)
+    kw = {} if x is None else {"in_chans": x.shape[1], "img_size": x.shape[-1]}
+    model = create_model(name, num_classes=num_classes, **kw)
+    load_checkpoint(model, path)
+    return Backbone(_freeze(model), name, "checkpoint", weights_hash(model), note or f"checkpoint {path}",
+                    resize=resize, info={"path": str(path)})
 
 
 def train_public_backbone(
@@ -367,77 +371,34 @@ def train_public_backbone(
 ) -> torch.nn.Module:
     """Train `model_name` (dpbench.models, built with `model_kwargs`) non-privately on the
     public examples only."""
-    from dpbench.models import create_model
-    from dpbench.training.loop import fit
-
     x, y = _xy(public)
     torch.manual_seed(seed)
     model = create_model(model_name, num_classes=num_classes, in_chans=x.shape[1], img_size=x.shape[-1],
                          zero_head=False, **(model_kwargs or {}))
-    fit(model, (x, y), epochs=epochs, expected_batch_size=min(batch_size, len(y)), optimizer="adam", lr=lr,
-        private=False, seed=seed, device=device, progress=progress, eval_every=10**9)
+    fit(model, (x, y), batching=BatchSpec(epochs=epochs, expected_batch_size=min(batch_size, len(y))), privacy=None,
+        optim=OptimSpec(optimizer="adam", lr=lr), evaluation=EvalSpec(every=None, progress=progress), seed=seed,
+        device=device)
     return model
 
 
-def load_backbone(
-    name: str,
-    *,
+def public_backbone(
+    model_name: str,
+    public: Any,
     num_classes: int,
-    public: Any = None,
-    prefer: Sequence[str] = ("timm", "checkpoint", "public"),
-    profile: str | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    public_model: str = "small_cnn",
-    public_epochs: float = 20.0,
-    public_model_kwargs: dict | None = None,
+    *,
+    epochs: float = 20.0,
+    model_kwargs: dict | None = None,
     resize: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> Backbone:
-    """A frozen backbone for feature extraction: the first of `prefer` that works.
-
-    "timm": pretrained timm weights for `name`; "checkpoint": notebook 03's public
-    checkpoint (via `profile`) or `checkpoint`, loaded into dpbench.models `name`;
-    "public": `public_model` (with `public_model_kwargs`) trained here on `public`
-    ((x, y) or a data set).
-    The note lists why earlier options were skipped. Raises UserError if none works.
-    """
-    notes: list[str] = []
-    for option in prefer:
-        if option == "timm":
-            model, note = _try_timm(name)
-            if model is not None:
-                return Backbone(_freeze(model), name, "timm", f"timm:{name}", note, resize=resize)
-            notes.append(note)
-        elif option == "checkpoint":
-            path, note = _find_checkpoint(profile, checkpoint)
-            if path is None:
-                notes.append(note)
-                continue
-            try:
-                from dpbench.models import create_model, load_checkpoint
-
-                x, _ = _xy(public) if public is not None else (None, None)
-                kw = {} if x is None else {"in_chans": x.shape[1], "img_size": x.shape[-1]}
-                model = create_model(name, num_classes=num_classes, **kw)
-                load_checkpoint(model, path)
-            except Exception as exc:
-                notes.append(f"{note} could not be loaded into {name!r} ({type(exc).__name__}: {str(exc)[:200]})")
-                continue
-            return Backbone(_freeze(model), name, "checkpoint", weights_hash(model),
-                            "; ".join(notes + [note]), resize=resize, info={"path": str(path)})
-        elif option == "public":
-            if public is None:
-                notes.append("no public data given to train a backbone on")
-                continue
-            model = train_public_backbone(public_model, public, num_classes, epochs=public_epochs, seed=seed,
-                                          device=device, model_kwargs=public_model_kwargs)
-            note = f"{public_model} trained non-privately on {len(_xy(public)[1])} public examples"
-            return Backbone(_freeze(model), public_model, "public", weights_hash(model), "; ".join(notes + [note]),
-                            resize=resize, info={"public_examples": len(_xy(public)[1])})
-        else:
-            raise UserError(f"unknown backbone option {option!r}; use 'timm', 'checkpoint' or 'public'")
-    raise UserError("no backbone available: " + "; ".join(notes) + ". Provide public data or a checkpoint")
+    """`train_public_backbone` on the public examples, frozen, as a Backbone."""
+    model = train_public_backbone(model_name, public, num_classes, epochs=epochs, seed=seed, device=device,
+                                  model_kwargs=model_kwargs)
+    n = len(_xy(public)[1])
+    return Backbone(_freeze(model), model_name, "public", weights_hash(model),
+                    f"{model_name} trained non-privately on {n} public examples", resize=resize,
+                    info={"public_examples": n})
 
 
 # ------------------------------------------------------------------------------ synthetic

@@ -1,0 +1,341 @@
+"""The last-layer experiment's arms, sweeps, claim rows, tables and backbone choice
+(dpbench.experiments.last_layer_features)."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dpbench.errors import UserError
+from dpbench.experiments import last_layer_features as llf
+from dpbench.training import features as F
+from dpbench.training import linear as L
+from dpbench.workbench.results import Recorder
+
+INF = math.inf
+
+
+def _fake_table(epsilons, releases, delta=1e-5, conversions=L.CONVERSIONS):
+    """Stand-in for linear.noise_multiplier_table: sigma = releases / epsilon (+1 for rdp, +2 for pld)."""
+    off = {"classic": 0.0, "rdp": 1.0, "pld": 2.0}
+    return [{"solver": s, "releases": k, "epsilon": float(e), "conversion": c, "noise_multiplier": k / e + off[c]}
+            for s, k in releases.items() for e in epsilons for c in conversions]
+
+
+def _runs(acc: dict) -> pd.DataFrame:
+    """A sweep frame from {(method, eps, seed): accuracy} (n = 1000, pld)."""
+    rows = [{"method": m, "target_epsilon": e, "seed": s, "accuracy": a, "epsilon": e if math.isfinite(e) else INF,
+             "n": 1000, "noise_multiplier": 0.0 if not math.isfinite(e) else 1.0 / e, "conversion": "pld"}
+            for (m, e, s), a in acc.items()]
+    df = pd.DataFrame(rows)
+    df["n_epsilon"] = df.n * df.target_epsilon
+    return df
+
+
+class _FakeGrid:
+    """Stand-in for linear.run_grid that records its calls and returns one row per (eps, seed)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, train, test, num_classes, *, methods, epsilons, seeds, settings, delta, conversion,
+                 baseline=True, device=None):
+        self.calls.append(dict(methods=list(methods), epsilons=list(epsilons), settings=settings))
+        n = int(train[1].shape[0])
+        return [{"method": m, "target_epsilon": float(e), "seed": s, "accuracy": 0.5, "epsilon": float(e), "n": n,
+                 "noise_multiplier": 2.0, "conversion": conversion}
+                for m in methods for e in epsilons for s in seeds]
+
+
+def _task(n=4000, d=3):
+    x = torch.zeros(n, d)
+    y = torch.zeros(n, dtype=torch.long)
+    return llf.FeatureTask((x, y), (x[:10], y[:10]), 2)
+
+
+def _recordable(rows, tmp_path):
+    """Every row goes through the real Recorder without a schema clash."""
+    rec = Recorder(tmp_path, experiment="t", delta=1e-5)
+    assert llf.record(rec, rows) == len(rows)
+    return rec.frame()
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_solver_settings_full_batch_and_capped_batch():
+    cfg = llf.SolverConfig(sgd_batch_size=0, fc_lam=100.0, clip_norm=0.5)
+    st = cfg.settings(4000)
+    assert st["dp_sgd"]["batch_size"] is None and st["dp_adam"]["batch_size"] is None
+    assert st["dp_fc"]["lam"] == 100.0 and cfg.settings(4000, fc_lam=10.0)["dp_fc"]["lam"] == 10.0
+    assert all(s["clip_norm"] == 0.5 for s in st.values())
+    assert st["dp_adam"]["lr"] == cfg.adam_lr and st["dp_sgd"]["lr"] == cfg.sgd_lr
+    small = llf.SolverConfig(sgd_batch_size=250)
+    assert small.settings(4000)["dp_sgd"]["batch_size"] == 250 and small.settings(100)["dp_sgd"]["batch_size"] == 100
+
+
+def test_releases_count_dp_sgd_only_when_full_batch():
+    cfg = llf.SolverConfig(fc_steps=10, newton_steps=3, sgd_steps=30, sgd_batch_size=0)
+    assert cfg.releases() == {"least_squares": 3, "dp_fc": 11, "newton": 6, "dp_sgd": 30}
+    assert "dp_sgd" not in llf.SolverConfig(sgd_batch_size=250).releases()
+
+
+# -------------------------------------------------------------------- noise multipliers
+
+
+def test_noise_rows_tag_only_the_papers_own_setting(monkeypatch):
+    monkeypatch.setattr(L, "noise_multiplier_table", _fake_table)
+    rows = llf.noise_multiplier_rows([3.0], llf.SolverConfig(), 1e-5)
+    assert sorted({r["epsilon"] for r in rows}) == [0.1, 1.0, 3.0, 8.0]  # the papers' epsilons always present
+    claims = {r["claim_id"]: r for r in rows if r["claim_id"]}
+    assert set(claims) == {f"E-{a}-sigma-eps{e}" for a in ("dpls", "dpfc") for e in ("0.1", "1", "8")}
+    assert all(r["conversion"] == "classic" and r["paper"] == llf.PAPER_SIGMA[(r["solver"], r["epsilon"])]
+               for r in claims.values())
+    assert all(r["paper"] is None for r in rows if not r["claim_id"])
+    # DP-FC with another T, or another delta, is not the paper's setting
+    other_t = llf.noise_multiplier_rows([], llf.SolverConfig(fc_steps=5), 1e-5)
+    assert {r["claim_id"] for r in other_t if r["claim_id"]} == {"E-dpls-sigma-eps0.1", "E-dpls-sigma-eps1",
+                                                                 "E-dpls-sigma-eps8"}
+    assert not [r for r in llf.noise_multiplier_rows([], llf.SolverConfig(), 1e-6) if r["claim_id"]]
+
+
+def test_noise_metrics_and_table(monkeypatch, tmp_path):
+    monkeypatch.setattr(L, "noise_multiplier_table", _fake_table)
+    rows = llf.noise_multiplier_rows([], llf.SolverConfig(), 1e-5)
+    metrics = llf.noise_multiplier_metrics(rows)
+    assert len(metrics) == len(rows) and all(m["metric"] == "noise_multiplier" for m in metrics)
+    tagged = [m for m in metrics if m.get("claim_id")]
+    assert len(tagged) == 6 and all(m["comparison"] == "value" and m["exact"] is True for m in tagged)
+    assert all("comparison" not in m for m in metrics if not m.get("claim_id"))
+    frame = _recordable(metrics, tmp_path)
+    assert set(frame.feature_set) == {"none"}
+    wide = llf.noise_table(rows, fc_steps=10)
+    assert list(wide.columns) == ["classic", "rdp", "pld", "paper (classic)", "classic / paper"]
+    ls = wide.loc[("least_squares", 3, 1.0)]
+    assert ls["classic"] == pytest.approx(3.0) and ls["paper (classic)"] == 8.5
+    assert ls["classic / paper"] == pytest.approx(3.0 / 8.5)
+    assert pd.isna(llf.noise_table(rows, fc_steps=5).loc[("dp_fc", 11, 1.0), "paper (classic)"])
+
+
+def test_classic_sigma_reproduces_papers_least_squares_values():
+    """The claim rows' values: classic calibration of DP-LS's 3 releases within 5% of PAPERS.md E."""
+    rows = L.noise_multiplier_table([0.1, 1.0, 8.0], {"least_squares": 3}, delta=1e-5, conversions=("classic",))
+    for r in rows:
+        assert r["noise_multiplier"] == pytest.approx(llf.PAPER_SIGMA[("least_squares", r["epsilon"])], rel=0.05)
+
+
+# ------------------------------------------------------------------------- claim rows
+
+
+def _claim_sweep():
+    acc = {}
+    for s in (0, 1):
+        for e, ls, sgd, fc, nt in [(0.1, 0.2, 0.3, 0.25, 0.1), (1.0, 0.5, 0.4, 0.55, 0.3), (8.0, 0.7, 0.6, 0.75, 0.6),
+                                   (INF, 0.9, 0.9, 0.9, 0.9)]:
+            if math.isfinite(e) or s == 0:  # like run_grid: one non-private run per method
+                acc.update({("least_squares", e, s): ls + s / 100, ("dp_sgd", e, s): sgd, ("dp_fc", e, s): fc,
+                            ("newton", e, s): nt})
+    return _runs(acc)
+
+
+def test_claim_arm_rows_average_per_seed_over_admitted_epsilons(tmp_path):
+    df = _claim_sweep()
+    rows = llf.claim_arm_rows(df, "E-x", ["least_squares", "dp_sgd"], lambda e: 1 <= e <= 10, "what",
+                              delta=1e-5, conversion="pld")
+    got = {(r["method"], r["seed"]): r["value"] for r in rows}
+    assert got == pytest.approx({("least_squares", 0): 0.6, ("least_squares", 1): 0.61,
+                                 ("dp_sgd", 0): 0.5, ("dp_sgd", 1): 0.5})
+    assert {r["eps_grid"] for r in rows} == {"1/8"} and all(r["claim_id"] == "E-x" for r in rows)
+    assert "what: n=1000" in rows[0]["setting"] and "2 seeds" in rows[0]["setting"]
+    _recordable(rows, tmp_path)
+    # the non-private run never enters; a missing arm or no admitted epsilon records nothing
+    assert not llf.claim_arm_rows(df, "E-x", ["least_squares", "dp_adam"], lambda e: True, "w", delta=1e-5,
+                                  conversion="pld")
+    assert not llf.claim_arm_rows(df, "E-x", ["least_squares", "dp_sgd"], lambda e: e > 100, "w", delta=1e-5,
+                                  conversion="pld")
+
+
+def test_ordering_claim_rows_cover_the_three_claims():
+    df = _claim_sweep()
+    rows = llf.ordering_claim_rows(df, llf.SolverConfig(), dim=32, num_classes=10, delta=1e-5, conversion="pld")
+    by_claim = {}
+    for r in rows:
+        by_claim.setdefault(r["claim_id"], set()).add(r["eps_grid"])
+    assert by_claim == {"E-ls-beats-logistic": {"1/8"}, "E-ls-beats-logistic-low-eps": {"0.1"},
+                        "E-dpfc-best": {"0.1/1/8"}}
+    no_newton = llf.ordering_claim_rows(df[df.method != "newton"], llf.SolverConfig(), dim=32, num_classes=10,
+                                        delta=1e-5, conversion="pld")
+    assert "E-dpfc-best" not in {r["claim_id"] for r in no_newton}
+
+
+# ------------------------------------------------------------------- sweeps and tables
+
+
+def test_sweep_metrics_accounting_rows_only_for_private_runs(tmp_path):
+    df = _claim_sweep()
+    rows = llf.sweep_metrics(df, "synthetic")
+    private = int(np.isfinite(df.target_epsilon).sum())
+    assert [r["metric"] for r in rows].count("test_accuracy") == len(df)
+    assert [r["metric"] for r in rows].count("accounted_epsilon") == private
+    assert [r["metric"] for r in rows].count("noise_multiplier") == private
+    only_acc = llf.sweep_metrics(df, "digits:small_cnn:public", accounting=False)
+    assert {r["metric"] for r in only_acc} == {"test_accuracy"} and len(only_acc) == len(df)
+    frame = _recordable(rows, tmp_path)
+    assert set(frame.feature_set) == {"synthetic"}
+
+
+def test_summary_and_accuracy_table():
+    df = _claim_sweep()
+    s = llf.summary(df)
+    ls1 = s[(s.method == "least_squares") & (s.target_epsilon == 1.0)].iloc[0]
+    assert (ls1["min"], ls1["max"]) == pytest.approx((0.5, 0.51)) and ls1["median"] == pytest.approx(0.505)
+    assert ls1["n_epsilon"] == 1000.0 and not np.isinf(s.target_epsilon).any()
+    t = llf.accuracy_table(df, ["least_squares", "dp_sgd"])
+    assert list(t.columns) == ["n*epsilon", "least_squares", "dp_sgd"]
+    assert t.loc[8.0, "n*epsilon"] == 8000.0 and t.loc["non-private", "least_squares"] == pytest.approx(0.9)
+    assert llf.non_private(df)["newton"] == pytest.approx(0.9)
+
+
+def test_ls_vs_logistic_lines_and_rows():
+    df = _claim_sweep()
+    lines, rows = llf.ls_vs_logistic(df, ["least_squares", "dp_sgd", "newton", "dp_fc"])
+    assert len(lines) == len(rows) == 3
+    assert "does not beat" in lines[0] and "DP-SGD" in lines[0] and "; DP-FC" in lines[0]
+    assert " beats " in lines[1]
+    assert rows[1]["value"] == pytest.approx(0.505 - 0.4) and rows[1]["n_epsilon"] == 1000.0
+    assert llf.ls_vs_logistic(df, ["least_squares", "dp_fc"]) == ([], [])
+
+
+def test_init_ablation_reuses_the_sweeps_zero_init_runs(monkeypatch, tmp_path):
+    grid = _FakeGrid()
+    monkeypatch.setattr(L, "run_grid", grid)
+    sweep_df = _runs({("dp_sgd", 1.0, 0): 0.7, ("dp_sgd", 1.0, 1): 0.8, ("dp_sgd", INF, 0): 0.9})
+    kw = dict(seeds=[0, 1], delta=1e-5, conversion="pld")
+    df, rows = llf.init_ablation(_task(), sweep_df, llf.SolverConfig(), epsilons=[1.0], **kw)
+    assert len(grid.calls) == 1 and grid.calls[0]["settings"]["dp_sgd"]["init"] == "random"
+    assert sorted(df[df.init == "zero"].accuracy) == [0.7, 0.8]  # reused, not rerun
+    assert {r["arm"] for r in rows} == {"zero_init", "random_init"} and len(rows) == 4
+    assert all(r["claim_id"] == "E-zero-init-helps" and r["ablation"] == "init" for r in rows)
+    _recordable(rows, tmp_path)
+    # an epsilon the sweep did not run is run for zero init too (only that one)
+    grid.calls.clear()
+    llf.init_ablation(_task(), sweep_df, llf.SolverConfig(), epsilons=[1.0, 0.1], **kw)
+    zero = [c for c in grid.calls if c["settings"]["dp_sgd"]["init"] == "zero"]
+    assert len(zero) == 1 and zero[0]["epsilons"] == [0.1]
+
+
+def test_batch_size_ablation_arms_and_reuse(monkeypatch, tmp_path):
+    grid = _FakeGrid()
+    monkeypatch.setattr(L, "run_grid", grid)
+    sweep_df = _runs({("dp_sgd", 1.0, 0): 0.7, ("dp_sgd", 1.0, 1): 0.8})
+    sweep_df["n"] = 4000
+    cfg = llf.SolverConfig(sgd_batch_size=0, sgd_steps=10)
+    kw = dict(epsilon=1.0, seeds=[0, 1], delta=1e-5, conversion="pld")
+    df, rows = llf.batch_size_ablation(_task(4000), sweep_df, cfg, batch_sizes=[250, 1000, 0, 9999], steps=10, **kw)
+    assert sorted(df.batch_size.unique()) == [250, 1000, 4000]  # 0 and oversize mean the full batch
+    assert [c["settings"]["dp_sgd"]["batch_size"] for c in grid.calls] == [250, 1000]  # full batch reused
+    arms = {(r["batch_size"], r.get("arm", "")) for r in rows}
+    assert arms == {(250, "small_batch"), (1000, ""), (4000, "full_batch")}
+    assert all(r.get("claim_id", "") == ("E-full-batch-helps" if r.get("arm") else "") for r in rows)
+    _recordable(rows, tmp_path)
+    # another step count is not the sweep's run: the full batch is run too (unsampled: batch_size None)
+    grid.calls.clear()
+    llf.batch_size_ablation(_task(4000), sweep_df, cfg, batch_sizes=[0], steps=20, **kw)
+    assert [c["settings"]["dp_sgd"]["batch_size"] for c in grid.calls] == [None]
+    # only the full batch: no smaller arm, so nothing is tagged
+    _, rows = llf.batch_size_ablation(_task(4000), sweep_df, cfg, batch_sizes=[0], steps=10, **kw)
+    assert rows and not any(r.get("claim_id") for r in rows)
+    summary = llf.batch_size_summary(df)
+    assert summary.loc[250, "sigma / B"] == pytest.approx(2.0 / 250) and summary.loc[250, "steps"] == 10
+
+
+def test_synthetic_task_is_normalised_on_public_features_only():
+    task = llf.synthetic_task(300, 8, 4, n_test=50, n_public=40, separation=0.5, label_noise=0.0, seed=3)
+    syn = F.synthetic_features(300, 8, 4, n_test=50, n_public=40, separation=0.5, label_noise=0.0, seed=3)
+    norm = F.PublicNormalizer().fit(syn.public.features)
+    assert torch.equal(task.train[0], norm.transform(syn.train.features))
+    assert torch.equal(task.test[1], syn.test.labels) and task.n_private == 300 and task.num_classes == 4
+    assert "n_public=40" in task.notes[1]
+
+
+def test_sweep_runs_the_solvers_end_to_end(tmp_path):
+    task = llf.synthetic_task(400, 8, 3, n_test=200, n_public=100, separation=1.0, label_noise=0.0, seed=0)
+    cfg = llf.SolverConfig(sgd_steps=3)
+    df = llf.sweep(task, methods=["least_squares", "dp_sgd"], epsilons=[1.0], seeds=[0, 1],
+                   settings=cfg.settings(task.n_private), delta=1e-5, conversion="pld")
+    assert len(df) == 2 + 4 and (df.n_epsilon == df.n * df.target_epsilon).all()
+    private = df[np.isfinite(df.target_epsilon)]
+    assert (private.epsilon <= 1.0 + 1e-6).all() and (private.noise_multiplier > 0).all()
+    frame = _recordable(llf.sweep_metrics(df, "synthetic"), tmp_path)
+    assert len(frame) == 6 + 2 * 4
+    for fig in (llf.plot_accuracy_vs_epsilon(df, ["least_squares", "dp_sgd"], "t", delta=1e-5),):
+        assert fig.axes
+
+
+# ------------------------------------------------------------------------------ backbones
+
+
+def test_find_checkpoint(tmp_path):
+    assert llf.find_checkpoint(None, "03 has not run") == (None, "03 has not run")
+    path, note = llf.find_checkpoint(tmp_path)
+    assert path is None and "no *.safetensors" in note
+    (tmp_path / "sub").mkdir()
+    for name in ("b.safetensors", "a.safetensors"):
+        (tmp_path / "sub" / name).write_bytes(b"")
+    path, note = llf.find_checkpoint(tmp_path)
+    assert path.name == "a.safetensors" and str(path) in note
+
+
+def test_select_backbone_falls_back_in_order(tmp_path, monkeypatch):
+    from dpbench.data import load_dataset
+    from dpbench.models import create_model, save_checkpoint
+
+    monkeypatch.setattr(F, "_hub_reachable", lambda *a, **k: False)
+    with pytest.raises(UserError, match="no backbone.*upstream missing"):
+        llf.select_backbone("small_cnn", num_classes=10, prefer=("timm", "checkpoint"), checkpoint_note="upstream missing")
+    with pytest.raises(UserError, match="unknown backbone option"):
+        llf.select_backbone("small_cnn", num_classes=10, prefer=("imagenet",))
+    ds = load_dataset("digits", "train")
+    pub = (ds.x[:200], ds.y[:200])
+    bb = llf.select_backbone("small_cnn", num_classes=10, public=pub, public_epochs=1, checkpoint_dir=tmp_path)
+    assert bb.source == "public" and "not a timm model" in bb.note and "no *.safetensors" in bb.note
+    assert bb.note.endswith("trained non-privately on 200 public examples")
+    # a checkpoint in the upstream folder wins over training; one of another architecture is skipped
+    model = create_model("small_cnn", num_classes=10, in_chans=1, img_size=8, zero_head=False)
+    save_checkpoint(model, tmp_path / "public.safetensors")
+    bb = llf.select_backbone("small_cnn", num_classes=10, public=pub, checkpoint_dir=tmp_path, prefer=("checkpoint",))
+    assert bb.source == "checkpoint" and bb.weights_id == F.weights_hash(model)
+    other = tmp_path / "other"
+    save_checkpoint(create_model("small_cnn", num_classes=5, in_chans=1, img_size=8), other / "five.safetensors")
+    wrong = llf.select_backbone("small_cnn", num_classes=10, public=pub, public_epochs=1, checkpoint_dir=other,
+                                prefer=("checkpoint", "public"))
+    assert wrong.source == "public" and "could not be loaded" in wrong.note
+
+
+def test_real_feature_task_pixels_normalised_on_the_public_part():
+    from dpbench.data import load_dataset, split_public_private
+
+    task = llf.real_feature_task("digits", backbone="pixels", public_fraction=0.2, seed=0)
+    ds = load_dataset("digits", "train")
+    pub, priv = split_public_private(ds.y, public_fraction=0.2, seed=0)
+    norm = F.PublicNormalizer().fit(ds.x[pub].flatten(1))
+    assert task.n_private == len(priv) and task.backbone == "pixels"
+    assert torch.allclose(task.train[0], norm.transform(ds.x[priv].flatten(1)))
+    assert torch.equal(task.train[1], ds.y[priv]) and len(task.test[1]) == len(load_dataset("digits", "test").y)
+
+
+def test_real_feature_task_caches_backbone_features(tmp_path):
+    kw = dict(backbone="small_cnn", prefer=("public",), public_epochs=1, feature_cache=str(tmp_path), seed=0)
+    first = llf.real_feature_task("digits", **kw)
+    second = llf.real_feature_task("digits", **kw)
+    assert "train cache miss" in first.notes[1] and "train cache hit, test cache hit" in second.notes[1]
+    assert first.backbone_source == "public" and first.train[0].shape[1] == 64  # pooled to 1x1: 64 features
+    assert torch.equal(first.train[0], second.train[0])
