@@ -91,3 +91,18 @@ def test_profiles_hold_the_issue_models():
     assert {c.method for c in cpu} == set(bench.METHODS)
     gpu = bench.profile_cells("gpu")
     assert all(c.device == "cuda" and c.max_batch for c in gpu)
+
+
+def test_peak_extra_mb_sees_a_call_that_touches_memory():
+    import os
+
+    import torch
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        assert bench.peak_extra_mb(lambda: torch.ones(10)) is None
+        return
+    big = bench.peak_extra_mb(lambda: torch.ones(64 * 2**20 // 4).sum())  # touches 64 MB, then frees it
+    small = bench.peak_extra_mb(lambda: torch.ones(16).sum())
+    assert big is not None and small is not None
+    assert 48 <= big <= 200  # coarse: RSS pages, allocator slack
+    assert small < 16 < big

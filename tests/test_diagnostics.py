@@ -131,12 +131,18 @@ def test_improvement_formula_hand_case():
         D.denominator_terms(1.0, 1.0, 1.0, [0.0])
 
 
-def test_clip_factors_and_errors():
-    n = torch.tensor([0.5, 2.0])
-    assert D.clip_factors(n, "abadi", 1.0).tolist() == pytest.approx([1.0, 0.5])
-    assert D.clip_factors(n, "automatic", 1.0, 0.01).tolist() == pytest.approx([1 / 0.51, 1 / 2.01])
-    assert D.clip_factors(n, None).tolist() == [1.0, 1.0]
-    with pytest.raises(UserError):
-        D.clip_factors(n, "bogus")
+def test_clip_fn_errors_and_abadi_clipping():
+    # diagnostics clip with dpbench.clipping.clipfns (no copy of its own): an unknown name is
+    # refused before any gradient work, and abadi clipping caps every per-sample norm at C
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    with pytest.raises(UserError, match="unknown clip_fn"):
+        D.curvature_stats(model, x, y, clip_fn="bogus")
+    ps = D.per_sample_gradients(model, x, y)
+    C = float(ps.norm(dim=1).median())
+    st = D.curvature_stats(model, x, y, clip_fn="abadi", max_grad_norm=C, n_probes=2)
+    clipped = ps * torch.clamp(C / ps.norm(dim=1), max=1.0)[:, None]
+    assert st.g_dot == pytest.approx(float(ps.mean(0) @ clipped.mean(0)), rel=1e-9)
     with pytest.raises(UserError):
         D.hutchinson_trace(lambda v: v, 3, n_probes=0)

@@ -11,6 +11,7 @@ import math
 from typing import Iterable, Sequence
 
 from dpbench.privacy import accounting as acct
+from dpbench.privacy.accounting import steps_for_epochs
 from dpbench.errors import UserError
 
 LABELS = {"rdp": "RDP", "pld": "PLD", "gdp_clt": "GDP (CLT approx.)"}
@@ -36,13 +37,6 @@ def log_grid(lo: float, hi: float, num: int, integer: bool = False) -> list:
     if integer:
         vals = [int(round(v)) for v in vals]
     return sorted(set(vals))
-
-
-def steps_for_epochs(epochs: float, sample_rate: float) -> int:
-    """Steps of Poisson-sampled DP-SGD that make `epochs` expected passes: ceil(E / q)."""
-    if not (epochs > 0 and 0 < sample_rate <= 1):
-        raise UserError(f"need epochs > 0 and 0 < sample_rate <= 1, got {epochs}, {sample_rate}")
-    return max(1, math.ceil(epochs / sample_rate - 1e-9))
 
 
 def epsilon_vs_steps(

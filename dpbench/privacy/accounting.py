@@ -147,6 +147,24 @@ def _quiet_absl():
         absl_logging.set_verbosity(old)
 
 
+def steps_for_epochs(epochs: float, sample_rate: float) -> int:
+    """Number of Poisson-sampled steps that make `epochs` expected passes over the data:
+    the nearest integer to epochs / q (Python's `round`), and at least 1 when epochs > 0.
+
+    The one definition of this conversion: the training loop, the samplers, the last-layer
+    solvers and notebook 00's curves all use it, so an "epochs" setting means the same number
+    of compositions everywhere. Raises `UserError` for epochs < 0 or q outside (0, 1].
+    """
+    e, q = float(epochs), float(sample_rate)
+    if math.isnan(e) or e < 0 or math.isinf(e):
+        raise UserError(f"epochs must be a finite number >= 0, got {epochs!r}")
+    if math.isnan(q) or not 0.0 < q <= 1.0:
+        raise UserError(f"sample_rate must be in (0, 1] to count steps per epoch, got {sample_rate!r}")
+    if e == 0:
+        return 0
+    return max(1, int(round(e / q)))
+
+
 # ---------------------------------------------------------------------------- cache
 
 

@@ -19,6 +19,8 @@ How it measures:
   model, data and training step add. On GPU both are torch.cuda.max_memory_allocated after
   a reset. Memory is taken before the baseline copy is built, so it is the method's alone.
   `mem_ratio_to_nonprivate` is step_mem_mb over the non-private cell's of the same model.
+- In-process probe: `peak_extra_mb(fn, device)` is the one memory probe for a single call
+  inside a running process (notebooks 01 and 02): the peak above what was live before it.
 - A cell that fails (e.g. Opacus on timm's resnet18) is a row with status "failed" and the
   exception's one-line reason: never dropped.
 - gpu profile: also the largest batch that runs, by doubling (`max_batch_size`).
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import json
 import math
 import os
@@ -43,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpbench.errors import UserError
+from dpbench.training.losses import per_sample_cross_entropy
 
 NONPRIVATE = "nonprivate"
 OPACUS_METHODS = ("opacus_hooks", "opacus_ghost")
@@ -193,7 +198,7 @@ def make_step(method: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
         def step():
             dp_opt.zero_grad()
-            dp_opt.backward(F.cross_entropy(model(x), y, reduction="none"))
+            dp_opt.backward(per_sample_cross_entropy(model(x), y))
             dp_opt.step()
 
         return step, engine.remove
@@ -256,6 +261,46 @@ def _peak_rss_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+def _malloc_trim() -> None:
+    """Return freed heap pages to the system (glibc), so that an earlier call's freed memory
+    does not hide the next call's peak; a no-op where libc has no malloc_trim."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_extra_mb(fn: Callable[[], Any], device: str | torch.device = "cpu") -> float | None:
+    """Extra memory (MB) that `fn()` needs at its peak, above what was live before the call.
+
+    The one in-process memory probe (the bench's cells measure whole child processes
+    instead). CUDA: `torch.cuda.max_memory_allocated` after a reset, minus the memory
+    allocated before. CPU (Linux): growth of the resident-set high-water mark (VmHWM) over
+    the RSS before the call, after garbage collection, `malloc_trim` and a reset of the mark
+    through /proc/self/clear_refs; coarse (a few MB of noise). Returns None where the mark
+    cannot be reset or read (no /proc). `fn`'s result is dropped before measuring.
+    """
+    dev = torch.device(device)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        out = fn()
+        torch.cuda.synchronize(dev)
+        del out
+        return (torch.cuda.max_memory_allocated(dev) - before) / 2**20
+    _malloc_trim()
+    if not _reset_peak_rss():
+        return None
+    before = _proc_status_mb("VmRSS")
+    out = fn()
+    del out
+    peak = _proc_status_mb("VmHWM")
+    return None if before is None or peak is None else max(0.0, peak - before)
 
 
 def _preimport(cell: "Cell") -> None:

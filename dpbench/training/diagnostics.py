@@ -34,15 +34,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from dpbench.clipping.clipfns import check_clip_fn, clip_factors
 from dpbench.errors import UserError
+from dpbench.training.losses import per_sample_cross_entropy
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _per_sample_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y, reduction="none")
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -74,7 +71,7 @@ class HessianOperator:
 
     def __init__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None = None):
         self.params = _trainable(model)
-        loss_fn = loss_fn or _per_sample_ce
+        loss_fn = loss_fn or per_sample_cross_entropy
         losses = loss_fn(model(x), y)
         if losses.dim() != 1:
             raise UserError(f"loss_fn must return per-sample losses of shape (B,), got {tuple(losses.shape)}")
@@ -122,7 +119,7 @@ def per_sample_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     Uses torch.func (vmap over grad) in chunks; falls back to one backward per example when
     a model is not vmap-compatible. Meant for diagnostic sets of a few hundred examples.
     """
-    loss_fn = loss_fn or _per_sample_ce
+    loss_fn = loss_fn or per_sample_cross_entropy
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
@@ -147,17 +144,6 @@ def per_sample_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
             loss = loss_fn(model(x[i:i + 1]), y[i:i + 1]).sum()
             rows.append(_flat(torch.autograd.grad(loss, plist)).detach())
         return torch.stack(rows)
-
-
-def clip_factors(norms: torch.Tensor, clip_fn: str | None, max_grad_norm: float = 1.0, gamma: float = 0.01) -> torch.Tensor:
-    """Per-sample factors c_i: None -> 1, "abadi" -> min(1, C/||g_i||), "automatic" -> C/(||g_i|| + gamma)."""
-    if clip_fn is None or clip_fn == "none":
-        return torch.ones_like(norms)
-    if clip_fn == "abadi":
-        return (max_grad_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
-    if clip_fn == "automatic":
-        return max_grad_norm / (norms + gamma)
-    raise UserError(f"clip_fn must be None, 'abadi' or 'automatic', got {clip_fn!r}")
 
 
 @dataclass
@@ -198,8 +184,12 @@ def curvature_stats(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     direction); otherwise of the raw ones. tr(H Sigma) is averaged over `n_var_samples`
     randomly chosen centred per-sample gradients (one HVP each), with the (n-1) correction
     so that it estimates the covariance's trace exactly as tr(Sigma) does. The model is put
-    in eval mode for the estimate and restored afterwards.
+    in eval mode for the estimate and restored afterwards. `clip_fn` is None (or "none")
+    or a name of `dpbench.clipping.clipfns.CLIP_FNS`.
     """
+    unclipped = clip_fn in (None, "none")
+    if not unclipped:
+        check_clip_fn(clip_fn, gamma)
     was_training = model.training
     model.eval()
     try:
@@ -209,9 +199,9 @@ def curvature_stats(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         n = ps.shape[0]
         if n < 2:
             raise UserError("curvature_stats needs at least 2 examples to estimate a covariance")
-        c = clip_factors(ps.norm(dim=1), clip_fn, max_grad_norm, gamma)
-        ps = ps * c[:, None]
-        Ghat = G if clip_fn in (None, "none") else ps.mean(0)
+        if not unclipped:
+            ps = ps * clip_factors(ps.norm(dim=1), max_grad_norm, clip_fn, gamma)[:, None]
+        Ghat = G if unclipped else ps.mean(0)
         centred = ps - ps.mean(0)
         corr = n / (n - 1)
         tr_sigma = float(centred.pow(2).sum(1).mean()) * corr

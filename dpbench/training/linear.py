@@ -36,9 +36,10 @@ Accounting (`conversion`): the releases compose to a Gaussian mechanism with
 with dp-accounting through `dpbench.privacy.accounting`; "classic" is the authors' own formula,
 eps = min_alpha alpha*beta/2 + log(1/delta)/(alpha - 1) with beta = sum_j 1/s_j^2, i.e.
 eps = beta/2 + sqrt(2 beta log(1/delta)). Results carry epsilon under all three.
-Calibration therefore searches one number, s_eff, for the target epsilon (cached per
-(epsilon, delta, conversion)); the solver's `PrivacyLedger` then records the actual
-releases and the tests check that its epsilon equals the target.
+Calibration therefore searches one number, s_eff, for the target epsilon; the solver's
+`PrivacyLedger` then records the actual releases and the tests check that its epsilon equals
+the target. Sweeps repeat the same releases for every seed: `dpbench.privacy.accounting`
+memoises every epsilon and calibration by its DpEvent, so they are computed once.
 
 Regularisation strengths (`lam`) are absolute, in the units of the unnormalised sums
 (n is not treated as public). `lam_noise` adds a data-independent ridge proportional to
@@ -59,6 +60,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dpbench.errors import UserError
+from dpbench.privacy import accounting
+from dpbench.training.loop import BatchSpec, ClipSpec, EvalSpec, OptimSpec, PrivacySpec, fit
+from dpbench.training.losses import per_sample_cross_entropy
 
 CONVERSIONS = ("pld", "rdp", "classic")
 MAT = torch.float64  # d x d algebra (noise, PSD projection, solves) runs in double precision
@@ -171,39 +175,14 @@ def _prepare(x, y, num_classes, clip_norm, device, dtype):
 
 def composition_epsilon(noise_multipliers: Sequence[float], delta: float, conversion: str = "pld") -> float:
     """Epsilon of composed Gaussian releases (sensitivity 1, noise multipliers s_j), through
-    `dpbench.privacy.accounting` (cached: sweeps repeat the same releases for every seed)."""
+    `dpbench.privacy.accounting` (memoised there by the event)."""
     _check_conversion(conversion)
-    counts: dict[float, int] = {}
-    for sig in noise_multipliers:
-        counts[float(sig)] = counts.get(float(sig), 0) + 1
-    if not counts:
+    sig = [float(s) for s in noise_multipliers]
+    if not sig:
         return 0.0
-    return _grouped_epsilon(tuple(sorted(counts.items())), float(delta), conversion)
-
-
-@functools.lru_cache(maxsize=4096)
-def _grouped_epsilon(groups: tuple[tuple[float, int], ...], delta: float, conversion: str) -> float:
-    from dpbench.privacy import accounting
-
-    sig = [s for s, c in groups for _ in range(c)]
     if conversion == "classic":
         return float(accounting.classic_epsilon(sig, delta))
     return float(accounting.gaussian_composition_epsilon(sig, delta, accountant=conversion))
-
-
-@functools.lru_cache(maxsize=1024)
-def _sampled_sigma(epsilon: float, q: float, steps: int, delta: float, conversion: str) -> float:
-    """DP-SGD noise multiplier for `steps` Poisson-sampled steps at rate q (cached: seeds repeat it)."""
-    from dpbench.privacy import accounting
-
-    return float(accounting.noise_multiplier(epsilon, q, steps, delta=delta, accountant=conversion, tol=1e-4))
-
-
-@functools.lru_cache(maxsize=1024)
-def _sampled_epsilon(sigma: float, q: float, steps: int, delta: float, conversion: str) -> float:
-    from dpbench.privacy import accounting
-
-    return float(accounting.epsilon(sigma, q, steps, delta=delta, accountant=conversion))
 
 
 def _check_conversion(conversion: str) -> None:
@@ -211,15 +190,12 @@ def _check_conversion(conversion: str) -> None:
         raise UserError(f"conversion must be one of {CONVERSIONS}, got {conversion!r}")
 
 
-@functools.lru_cache(maxsize=4096)
 def _effective_sigma(target_epsilon: float, delta: float, conversion: str) -> float:
     """Noise multiplier of ONE Gaussian release that spends `target_epsilon` exactly.
 
     Composing Gaussians with 1/s_eff^2 = sum_j 1/s_j^2 is exactly a Gaussian with s_eff, so
     calibrating a set of releases reduces to this one-dimensional search.
     """
-    from dpbench.privacy import accounting
-
     if conversion == "classic":
         return float(accounting.classic_noise_multiplier(target_epsilon, 1, delta))
     return float(accounting.calibrate_common_noise(target_epsilon, 1, delta, accountant=conversion, tol=1e-4))
@@ -290,9 +266,7 @@ class LinearResult:
 def _ledger(delta: float, n: int, conversion: str, releases: list[tuple[float, int]]):
     """A PrivacyLedger holding the Gaussian releases (the classic conversion is reported
     beside it; the ledger itself uses dp-accounting's RDP then)."""
-    from dpbench.privacy.accounting import PrivacyLedger
-
-    ledger = PrivacyLedger(delta=delta, n=n, accountant="pld" if conversion == "pld" else "rdp")
+    ledger = accounting.PrivacyLedger(delta=delta, n=n, accountant="pld" if conversion == "pld" else "rdp")
     for sigma, count in releases:
         ledger.record_gaussian(sigma, count=count)
     return ledger
@@ -608,13 +582,10 @@ def dp_sgd_logistic(
     if not 1 <= bs <= n:
         raise UserError(f"batch_size must be in [1, n={n}], got {batch_size!r}")
     q = bs / n
-    steps = int(steps) if steps is not None else max(1, int(round(epochs / q)))
+    steps = int(steps) if steps is not None else accounting.steps_for_epochs(epochs, q)
     if conversion == "classic" and q < 1:
         raise UserError("the classic conversion covers unsampled Gaussian releases only; use batch_size=None "
                         "(full batch) or conversion='rdp'/'pld'")
-    from dpbench.privacy import accounting
-    from dpbench.training.loop import BatchSpec, ClipSpec, EvalSpec, OptimSpec, PrivacySpec, fit
-
     seed = 0 if seed is None else int(seed)
     torch.manual_seed(seed)
     head = torch.nn.Linear(d, num_classes).to(device=device, dtype=dtype)
@@ -624,7 +595,7 @@ def dp_sgd_logistic(
 
     def per_example_loss(out, target):
         if loss == "softmax":
-            return torch.nn.functional.cross_entropy(out, target, reduction="none")
+            return per_sample_cross_entropy(out, target)
         onehot = one_hot(target, num_classes, out.dtype)
         return torch.nn.functional.binary_cross_entropy_with_logits(out, onehot, reduction="none").sum(1)
 
@@ -642,7 +613,7 @@ def dp_sgd_logistic(
     if q == 1.0:  # full batch: every step is one unsampled Gaussian release
         sigma = calibrate_releases(epsilon, delta, [1.0] * steps, conversion)[0]
     else:
-        sigma = _sampled_sigma(float(epsilon), q, steps, float(delta), conversion)
+        sigma = accounting.noise_multiplier(epsilon, q, steps, delta=delta, accountant=conversion, tol=1e-4)
     ledger = accounting.PrivacyLedger(delta=delta, n=n, accountant="pld" if conversion == "pld" else "rdp")
     fit(head, (x, y), privacy=PrivacySpec(noise_multiplier=sigma, delta=delta, ledger=ledger,
                                           accountant=ledger.accountant),
@@ -650,7 +621,7 @@ def dp_sgd_logistic(
     if q == 1.0:
         epsilons = {conv: composition_epsilon([sigma] * steps, delta, conv) for conv in CONVERSIONS}
     else:
-        epsilons = {conv: _sampled_epsilon(sigma, q, steps, float(delta), conv) for conv in ("rdp", "pld")}
+        epsilons = {conv: accounting.epsilon(sigma, q, steps, delta=delta, accountant=conv) for conv in ("rdp", "pld")}
     eps = epsilons["classic"] if conversion == "classic" else float(ledger.epsilon())
     info = dict(info, target_epsilon=epsilon, n=n)
     return LinearResult(method, head.weight.detach().clone(), head.bias.detach().clone(), clip_norm, eps, delta,

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dpbench.errors import UserError
+from dpbench.privacy.accounting import steps_for_epochs  # noqa: F401 -- re-exported: the loop and notebooks import it here
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -187,10 +188,3 @@ def split_physical(indices: torch.Tensor, max_physical_batch: int) -> list[torch
     if indices.numel() == 0:
         return []
     return list(torch.split(indices, int(max_physical_batch)))
-
-
-def steps_for_epochs(epochs: float, sample_rate: float) -> int:
-    """Number of logical steps that make `epochs` passes in expectation: round(epochs / q)."""
-    if epochs < 0:
-        raise UserError(f"epochs must be >= 0, got {epochs!r}")
-    return int(round(epochs / sample_rate))
