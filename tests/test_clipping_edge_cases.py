@@ -96,3 +96,134 @@ def test_groups_threshold_list_follows_the_mapping_as_written():
     finally:
         eng.remove()
     assert_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-10)
+
+
+def exact_or_refused(model, x, y, match, **kw):
+    """The naive loop's answer, or a UserError whose message matches `match` (construct + module)."""
+    eng = ClippingEngine(model)
+    try:
+        eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+    except UserError as e:
+        assert match(str(e)), str(e)
+        assert "outside its module" not in str(e)
+        return "refused"
+    finally:
+        eng.remove()
+    check_all(model, x, y, **kw)
+    return "exact"
+
+
+# ---------------------------------------------------------------- A: in-place op on a view output
+def test_inplace_relu_on_linear_view_output_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(12, 3)).double()
+    check_all(model, *data((3, 5)))
+
+
+def test_inplace_layerscale_on_linear_view_output_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), LayerScale(4, inplace=True), nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(12, 3)).double()
+    check_all(model, *data((3, 5)))
+
+
+class InplaceOnPartialView(nn.Module):
+    """An in-place op on a slice of a layer's view output, and a layer whose output is a slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h[:, :, :2].mul_(3.0)
+        h = torch.tanh(h)
+        return self.b(h).sum(1)
+
+
+def test_inplace_op_on_part_of_a_view_output_is_exact():
+    torch.manual_seed(0)
+    check_all(InplaceOnPartialView().double(), *data((3, 5)))
+
+
+# ---------------------------------------------------------------- B: x += layer(x)
+class AddInPlace(nn.Module):
+    def __init__(self, layer, pre, head_in):
+        super().__init__()
+        self.pre, self.layer, self.head = pre, layer, nn.Linear(head_in, 3)
+
+    def forward(self, x):
+        h = self.pre(x)
+        h += self.layer(h)
+        return self.head(torch.tanh(h).flatten(1))
+
+
+def _b_models():
+    yield "reflect", AddInPlace(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Conv2d(2, 2, 1), 50), (2, 5, 5)
+    yield "same_even", AddInPlace(nn.Conv2d(2, 2, 4, padding="same"), nn.Conv2d(2, 2, 1), 50), (2, 5, 5)
+
+    class Permuted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre, self.layer, self.head = nn.Linear(4, 4), nn.Linear(3, 3), nn.Linear(12, 3)
+
+        def forward(self, x):
+            h = self.pre(x).transpose(1, 2)  # (B, 4, 3), not contiguous
+            h += self.layer(h)
+            return self.head(torch.tanh(h).flatten(1))
+
+    yield "permuted", Permuted(), (3, 4)
+
+
+@pytest.mark.parametrize("which", ["reflect", "same_even", "permuted"])
+def test_add_in_place_onto_a_layer_input_is_exact_or_refused(which):
+    torch.manual_seed(0)
+    name, model, shape = next(m for m in _b_models() if m[0] == which)
+    out = exact_or_refused(model.double(), *data(shape),
+                           match=lambda msg: "in place" in msg and "'layer'" in msg)
+    assert out in ("exact", "refused")
+
+
+# ---------------------------------------------------------------- C: in-place LayerScale without history
+def test_inplace_layerscale_above_a_frozen_stem_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), LayerScale(4, inplace=True), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(12, 3)).double()
+    model[0].requires_grad_(False)
+    check_all(model, *data((3, 5)))
+
+
+def test_inplace_layerscale_on_a_frozen_view_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4, bias=True), LayerScale(4, inplace=True), nn.Flatten(),
+                          nn.Linear(12, 3)).double()
+    model[0].requires_grad_(False)
+    check_all(model, *data((3, 5)))
+
+
+# ---------------------------------------------------------------- D, E: direct parameters
+class Direct(nn.Module):
+    """A module holding a parameter directly, used by `use(x, p)`, then a Linear head."""
+
+    def __init__(self, shape, use, feat):
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(*shape))
+        self.use = use
+        self.head = nn.Linear(feat, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.use(x, self.p)).flatten(1))
+
+
+def test_direct_parameter_indexed_before_use_is_exact():
+    torch.manual_seed(0)
+    model = Direct((1, 3, 4), lambda x, p: x + p[0], 12).double()
+    check_all(model, *data((3, 4)))
+
+
+@pytest.mark.parametrize("B,C", [(4, 2), (2, 2), (3, 3)])
+def test_direct_parameter_broadcast_onto_more_dimensions_is_exact(B, C):
+    torch.manual_seed(0)
+    model = Direct((1, 3, 3), lambda x, p: x * p, C * 9).double()
+    check_all(model, *data((C, 3, 3), B=B))

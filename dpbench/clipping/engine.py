@@ -6,7 +6,16 @@ Forward hooks on every module that owns trainable parameters keep its input A (n
 autograd keeps the same tensor) and register a hook on its *output tensor*, which receives
 the output gradient G. Tensor hooks (unlike `register_full_backward_hook`) survive in-place
 ops that follow the module, such as timm ResNet's `ReLU(inplace=True)` and `x += shortcut`:
-a hook registered before an in-place op receives the gradient of the pre-op value.
+a hook registered before an in-place op receives the gradient of the pre-op value. That
+holds for outputs that are not views; an in-place op on a view (`F.linear` with a bias on a
+3-D input returns one) moves it onto a new autograd node, so for a view output the hook goes
+on its base's current node and G is cut out of the base's gradient. Whether a layer's output
+is an anchor (below: nothing under it needs gradients) is decided by a forward pre-hook,
+before the module runs, since an in-place module (LayerScale(inplace=True)) gives its input
+a history. A kept input A that is changed in place later (`x += layer(x)` where autograd
+saved a copy) is detected by its version counter and refused at the end of the forward pass.
+Direct parameters (held by a module without a rule) are followed op by op during their
+module's forward pass (`_DirectUses`): supported broadcasting uses are exact, others refused.
 
 Pass 1 is `torch.autograd.grad(sum_i loss_i, anchors)`, where the anchors are the gradient
 edges of the lowest hooked layers' outputs (and the per-sample leaves of direct parameters). It propagates output gradients through the network
@@ -46,6 +55,8 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import UserError
 from .clipfns import check_clip_fn, clip_factors
@@ -59,13 +70,134 @@ ROOT = "<root>"
 class _Use:
     """One call of a hooked module during the forward pass."""
 
-    __slots__ = ("act", "grad", "leaves", "anchor")
+    __slots__ = ("act", "grad", "leaves", "anchor", "view", "version", "mode")
 
     def __init__(self, act=None):
         self.act = act
         self.grad = None
         self.leaves: list = []
         self.anchor = None
+        self.view = None  # (base size, base stride, size, stride, offset) when G is cut from a base
+        self.version = None  # the kept input's version counter when the module started
+        self.mode = None  # _DirectUses of a direct-parameter call
+
+
+# Broadcasting ops through which a direct parameter may meet the batch (see _DirectUses).
+_BCAST = {"add", "sub", "mul", "div", "true_divide", "multiply", "subtract", "where", "addcmul", "addcdiv",
+          "maximum", "minimum", "lerp", "expand", "expand_as", "broadcast_to", "__add__", "__radd__", "__sub__",
+          "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__", "rsub"}
+_BCAST_INPLACE = {"add_", "sub_", "mul_", "div_", "__iadd__", "__isub__", "__imul__", "__itruediv__"}
+_INPLACE_DUNDER = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__ipow__", "__imatmul__",
+                   "__iand__", "__ior__", "__ixor__", "__imod__", "__ilshift__", "__irshift__"}
+
+
+class _DirectUses(TorchFunctionMode):
+    """Follows a module's direct parameters through its forward pass, op by op.
+
+    Each parameter p is seen as a detached tensor (no raw gradient can reach p) and stands
+    for B per-sample copies, held as `rep` = a (B, *p.shape) leaf. An op on tensors computed
+    from p alone (and constants) is mapped over the copies with torch.func.vmap. A broadcasting
+    op (_BCAST) whose result has the batch first, and in which each p-derived operand is
+    broadcast over that axis, gets copy i for sample i: exact per-sample gradients. Any other
+    op that mixes p with the batch, or changes p in place, is refused with a UserError.
+    """
+
+    def __init__(self, engine, layer, B):
+        super().__init__()
+        self.engine, self.layer, self.B = engine, layer, B
+        self.tracked: dict[int, tuple] = {}  # id(seen tensor) -> (tensor, rep (B, *shape), param name)
+
+    def add(self, seen, rep, pname):
+        self.tracked[id(seen)] = (seen, rep, pname)
+
+    def _get(self, a):
+        e = self.tracked.get(id(a))
+        return e if e is not None and e[0] is a else None
+
+    def _touches(self, args, kwargs):
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                if self._get(a) is not None:
+                    return True
+            elif isinstance(a, (list, tuple)):
+                if any(isinstance(b, torch.Tensor) and self._get(b) is not None for b in a):
+                    return True
+        return False
+
+    def refuse(self, pname, what):
+        l = self.layer
+        full = l.full.get(pname, pname)
+        raise UserError(
+            f"direct parameter {full!r} of module {l.name!r} ({type(l.module).__name__}) is {what}; per-sample "
+            "gradients can follow a direct parameter only through ops on it alone (indexing, reshapes, arithmetic "
+            "with constants) and then broadcasting ops over the batch axis (x + p, x * p, p.expand(B, ...), "
+            "torch.where); rewrite the forward that way, freeze it with dpbench.models.freeze(model, "
+            f"[{full!r}]), or move it into a module with a rule (@dpbench.clipping.register_rule)")
+
+    def _aligned(self, t, rep, R):
+        # rep is (B, *t.shape); t broadcasts over the batch axis of an R-dim result.
+        if t.dim() == R:
+            return rep.reshape(self.B, *t.shape[1:])
+        return rep.reshape(self.B, *([1] * (R - t.dim() - 1)), *t.shape)
+
+    def _broadcasts(self, t, R):
+        return t.dim() < R or (t.dim() == R and t.shape[0] == 1)
+
+    def _substitute(self, flat, spec, hits, R):
+        new = list(flat)
+        for i in hits:
+            new[i] = self._aligned(flat[i], self._get(flat[i])[1], R)
+        return tree_unflatten(new, spec)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self._touches(args, kwargs):
+            return func(*args, **kwargs)
+        flat, spec = tree_flatten((args, kwargs))
+        hits = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor) and self._get(a) is not None]
+        others = [a for i, a in enumerate(flat) if isinstance(a, torch.Tensor) and i not in hits]
+        pname = self._get(flat[hits[0]])[2]
+        name = getattr(func, "__name__", str(func))
+        if name in _BCAST_INPLACE and hits[0] != 0 and isinstance(flat[0], torch.Tensor):
+            target = flat[0]  # x += p: in place on a batch tensor
+            R = target.dim()
+            if R >= 1 and target.shape[0] == self.B and all(self._broadcasts(flat[i], R) for i in hits):
+                a, k = self._substitute(flat, spec, hits, R)
+                return func(*a, **k)
+            self.refuse(pname, f"added in place by {name} to a tensor whose first axis is not the batch")
+        if name == "__setitem__":
+            self.refuse(pname, "written by an indexed assignment (x[...] = ...)")
+        if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDER or "out" in kwargs:
+            self.refuse(pname, f"changed in place by {name}")
+        res = func(*args, **kwargs)
+        outs, out_spec = tree_flatten(res)
+        if not any(isinstance(t, torch.Tensor) for t in outs):
+            return res
+        if name in _BCAST and len(outs) == 1 and isinstance(outs[0], torch.Tensor):
+            R = outs[0].dim()
+            if R >= 1 and outs[0].shape[0] == self.B and all(self._broadcasts(flat[i], R) for i in hits):
+                a, k = self._substitute(flat, spec, hits, R)
+                return func(*a, **k)
+        if any(t.requires_grad or (t.dim() >= 1 and t.shape[0] == self.B) for t in others):
+            self.refuse(pname, f"combined with the batch by {name}, which does not broadcast it over the batch axis")
+
+        def per_copy(*vals):
+            new = list(flat)
+            for i, v in zip(hits, vals):
+                new[i] = v
+            a, k = tree_unflatten(new, spec)
+            return func(*a, **k)
+
+        try:
+            reps = torch.func.vmap(per_copy)(*[self._get(flat[i])[1] for i in hits])
+        except UserError:
+            raise
+        except Exception as e:  # an op vmap cannot map: refuse rather than guess
+            self.refuse(pname, f"used by {name}, which cannot be followed per sample ({type(e).__name__})")
+        for t, r in zip(outs, tree_flatten(reps)[0]):
+            if isinstance(t, torch.Tensor):
+                self.add(t, r, pname)
+        return res
 
 
 class _Layer:
@@ -88,6 +220,7 @@ class _Layer:
         self.clipped: list[str] = []
         self.max_uses = 0
         self.pending = None
+        self.pre = None  # (input had no history, input, its version) from the forward pre-hook
 
     def complete(self) -> bool:
         if self.kind == "direct":
@@ -115,8 +248,13 @@ class ClippingEngine:
         audit: enables fault flags for privacy auditing (never for real training).
         unclipped_layer: with audit=True, this layer's per-sample gradients are summed without
             clipping and left out of every norm.
-        check: on the first backward, compare the sum of per-sample gradients with autograd's
-            gradient once (one extra backward), to catch parameters used outside their module.
+        check: on the first backward, (1) compare the sum of per-sample gradients with
+            autograd's gradient (one extra backward), to catch parameters used where their
+            module's hooks do not see them, and (2) compare every clipped parameter's
+            per-sample norm on up to 3 samples with a reference that replays the forward pass
+            on the bare model (one extra forward, two small backwards per sample), to catch
+            per-sample misattribution. check=False skips both: a rule that does not match a
+            module's forward then gives silently wrong per-sample gradients.
     """
 
     def __init__(self, model: nn.Module, max_grad_norm: float = 1.0, method: str = "auto", style: str = "flat",
@@ -142,6 +280,8 @@ class ClippingEngine:
         self.unclipped_layer = unclipped_layer
         self.check = bool(check)
         self._checked = False
+        self._muted = False  # True while the self-check replays the forward pass on the bare model
+        self._replay: list[dict] = []
         self._handles: list = []
         self._phase = 0
         self._bns = self._check_batchnorm(model)
@@ -231,43 +371,110 @@ class ClippingEngine:
                 self._handles.append(m.register_forward_pre_hook(
                     lambda mod, args, kwargs, l=l: self._pre_direct(l, mod, args, kwargs), with_kwargs=True))
                 self._handles.append(m.register_forward_hook(
-                    lambda mod, args, out, l=l: self._restore(l), always_call=True))
+                    lambda mod, args, out, l=l: self._post_direct(l, out), always_call=True))
                 continue
-            if l.rule.capture_before:
-                self._handles.append(m.register_forward_pre_hook(
-                    lambda mod, args, l=l: self._pre_capture(l, mod, args)))
+            self._handles.append(m.register_forward_pre_hook(
+                lambda mod, args, l=l: self._pre_capture(l, mod, args)))
             self._handles.append(m.register_forward_hook(
                 lambda mod, args, out, l=l: self._fwd(l, mod, args, out)))
+        # The whole model: in-place changes are checked when its forward pass ends, and the
+        # first step's inputs and outputs are kept for the per-sample self-check.
+        self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._root_post, always_call=True))
 
     # ------------------------------------------------------------------ hooks
     def _pre_capture(self, l, mod, args):
-        if torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self._muted:
+            return
+        x = args[0] if args else None
+        # Decided before the module runs: an in-place module gives its input a history.
+        nohist = not isinstance(x, torch.Tensor) or x.grad_fn is None
+        l.pre = (nohist, x, x._version if isinstance(x, torch.Tensor) else None)
+        if l.rule.capture_before:
             l.pending = l.rule.capture(mod, args, None, l.names)
 
     def _fwd(self, l, mod, args, out):
-        if not torch.is_grad_enabled() or not isinstance(out, torch.Tensor) or not out.requires_grad:
+        pre, l.pre = l.pre, None
+        if not torch.is_grad_enabled() or self._muted or not isinstance(out, torch.Tensor) or not out.requires_grad:
+            l.pending = None
             return
         act = l.pending if l.rule.capture_before else l.rule.capture(mod, args, out, l.names)
         l.pending = None
         use = _Use(act)
         x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or x.grad_fn is None:
+        nohist = pre[0] if pre is not None else (not isinstance(x, torch.Tensor) or x.grad_fn is None)
+        if pre is not None and isinstance(act, torch.Tensor) and act is pre[1]:
+            use.version = pre[2]  # the input is kept by reference: it must not change until backward
+        target = out
+        base = out._base if out._is_view() else None
+        if base is not None and base.grad_fn is not None:
+            # An in-place op on a view replaces the view's node, and the hook with it; the
+            # base's current node stays in the graph, so hook it and cut G out of its gradient.
+            target = base
+            use.view = (base.size(), base.stride(), out.size(), out.stride(),
+                        out.storage_offset() - base.storage_offset())
+        if nohist:
             # Nothing below this layer leads back to an anchor, so pass 1 stops here: at the
             # gradient edge of this output, taken now, before any later in-place op moves it.
             # Autograd then returns G without computing this layer's weight gradient.
-            use.anchor = get_gradient_edge(out)
+            use.anchor = get_gradient_edge(target)
         l.uses.append(use)
-        out.register_hook(lambda g, l=l, use=use: self._on_grad(l, use, g))
+        target.register_hook(lambda g, l=l, use=use: self._on_grad(l, use, g))
+
+    @staticmethod
+    def _cut(g, view):
+        bsize, bstride, size, stride, offset = view
+        if tuple(g.size()) != tuple(bsize):
+            return g
+        if g.stride() != bstride:
+            g = torch.empty_strided(bsize, bstride, dtype=g.dtype, device=g.device).copy_(g)
+        return g.as_strided(size, stride, g.storage_offset() + offset)
 
     def _on_grad(self, l, use, g):
         if self._phase != 1:
             return
-        use.grad = g
+        use.grad = self._cut(g, use.view) if use.view is not None else g
         if not l.processed and l.complete():
             self._process(l)
 
+    def _check_versions(self):
+        """Refuse kept inputs changed in place since their layer ran (their per-sample grads would be wrong)."""
+        for l in self._layers:
+            for u in l.uses:
+                if u.version is not None and u.act._version != u.version:
+                    self._clear_uses()
+                    raise UserError(
+                        f"the input of layer {l.name!r} ({type(l.module).__name__}) was changed in place after the layer "
+                        "read it (for example `x += layer(x)` or an in-place activation on it); the engine keeps "
+                        "that input for per-sample gradients, so write it out of place (`x = x + layer(x)`)")
+
+    def _clear_uses(self):
+        for l in self._layers:
+            l.uses, l.pending, l.pre = [], None, None
+            if l.kind == "direct":
+                self._restore(l)
+
+    def _root_pre(self, mod, args, kwargs):
+        if not torch.is_grad_enabled() or self._muted:
+            return
+        if self.check and not self._checked:
+            # Inputs (copied: a forward may change them in place) and RNG states, to replay
+            # this forward pass for the per-sample self-check.
+            cp = lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t  # noqa: E731
+            flat, spec = tree_flatten((args, kwargs))
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+            self._replay.append({"inputs": tree_unflatten([cp(t) for t in flat], spec),
+                                 "rng": (torch.get_rng_state(), cuda), "out": None})
+
+    def _root_post(self, mod, args, out):
+        if not torch.is_grad_enabled() or self._muted:
+            return
+        if self._replay and self._replay[-1]["out"] is None:
+            self._replay[-1]["out"] = out
+        self._check_versions()
+
     def _pre_direct(self, l, mod, args, kwargs):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self._muted:
             return
         x = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if x is None or x.dim() == 0:
@@ -276,14 +483,33 @@ class ClippingEngine:
         B = x.shape[0]
         use = _Use()
         use.grad = None
+        use.mode = _DirectUses(self, l, B)
         for n in l.names:
             p = l.params[n]
-            # A (B, ...) view of the (1, ...) parameter, detached so no raw gradient reaches p.
-            leaf = p.detach().expand(B, *p.shape[1:]).requires_grad_(True)
+            # B copies of p as one (B, *p.shape) leaf (an expanded view, no copy); the module
+            # sees a detached p, so no raw gradient can reach p.
+            leaf = p.detach().expand(B, *p.shape).requires_grad_(True)
             leaf.register_hook(lambda g, l=l, use=use, n=n: self._on_direct_grad(l, use, n, g))
             use.leaves.append(leaf)
-            mod._parameters[n] = leaf
+            seen = p.detach()
+            use.mode.add(seen, leaf, n)
+            mod._parameters[n] = seen
         l.uses.append(use)
+        use.mode.__enter__()
+
+    def _post_direct(self, l, out):
+        use = l.uses[-1] if l.uses and l.uses[-1].mode is not None else None
+        if use is not None:
+            mode, use.mode = use.mode, None
+            mode.__exit__(None, None, None)
+            self._restore(l)
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and mode._get(t) is not None:
+                    pname = mode._get(t)[2]
+                    self._clear_uses()
+                    mode.refuse(pname, "returned by its module without meeting the batch")
+        else:
+            self._restore(l)
 
     def _restore(self, l):
         for n, p in l.params.items():
@@ -314,6 +540,7 @@ class ClippingEngine:
                             "(not under torch.no_grad()) before engine.backward")
         self._check_state()
         self.check_no_raw_gradients()
+        self._check_versions()
         B = losses.shape[0]
         try:
             if B == 0:
@@ -325,8 +552,9 @@ class ClippingEngine:
         finally:
             self._phase = 0
             for l in self._layers:
-                l.uses, l.stash, l.processed, l.pending = [], None, False, None
+                l.uses, l.stash, l.processed, l.pending, l.pre = [], None, False, None, None
                 self._restore(l) if l.kind == "direct" else None
+            self._replay = []
             for p in self._params.values():
                 if p.grad is None:  # unused this step: its clipped sum is zero
                     p.grad = torch.zeros_like(p)
@@ -345,6 +573,7 @@ class ClippingEngine:
         self._remaining = {g: len(ls) for g, ls in self._group_layers.items()}
         self._coef: dict[str, torch.Tensor] = {}
         self._check_sums = {} if checking else None
+        self._check_sq = {} if checking else None
         total = losses.sum()
         self._phase = 1
         if anchors:
@@ -357,7 +586,8 @@ class ClippingEngine:
             if g not in self._coef:
                 self._complete(g)
         if checking:
-            self._self_check(total, retain=self._two_pass)
+            self._self_check(total, retain=True)
+            self._per_sample_check(losses)
             self._checked = True
         if self._two_pass:
             c = self._coef["all"].to(device=losses.device, dtype=losses.dtype)
@@ -402,6 +632,8 @@ class ClippingEngine:
                 for n, v in sq.items():
                     g = self._group_of[l.full[n]]
                     self._sq[g] += v.to(self._sq[g].dtype).to(self._sq[g].device)
+                    if self._check_sq is not None:
+                        self._check_sq[l.full[n]] = v.detach()
             if self._check_sums is not None and l.kind == "rule":
                 ones = {n: torch.ones(self._B, dtype=self._sq_dtype(), device=l.params[n].device) for n in l.names}
                 for n, s in l.rule.weighted_sum(l.module, acts, grads, ones, l.names).items():
@@ -462,10 +694,70 @@ class ClippingEngine:
             if err > tol and (ours - r).norm() > 1e-7:
                 raise UserError(
                     f"per-sample gradients of {n!r} do not add up to its gradient (relative error {float(err):.2e}): "
-                    "the parameter is probably used outside its module (e.g. weights tied through a functional "
-                    "call) or its module's rule does not match its forward; freeze it with "
-                    f"dpbench.models.freeze(model, [{n!r}]) or register a rule with @dpbench.clipping.register_rule")
+                    "the parameter is used where its module's hooks do not see it (e.g. weights tied through a "
+                    "functional call such as F.linear(x, layer.weight)) or its module's rule does not match its "
+                    f"forward; freeze it with dpbench.models.freeze(model, [{n!r}]) or register a rule with "
+                    "@dpbench.clipping.register_rule")
         self._check_sums = None
+
+    def _per_sample_check(self, losses):
+        """Per-sample norms of every clipped parameter on a few samples against a reference.
+
+        The reference replays the recorded forward pass on the bare model (hooks muted, same
+        inputs and RNG state), so direct parameters and every rule are bypassed, and takes
+        one sample's gradient through it: d loss_i / d out from the recorded graph, then
+        through the replayed graph to the parameters. This sees per-sample misattribution
+        (e.g. one sample credited with the whole batch's gradient), which a sum cannot.
+        """
+        sq, self._check_sq = self._check_sq, None
+        if len(self._replay) != 1 or self._replay[0]["out"] is None or not sq:
+            return  # the losses do not come from exactly one call of the whole model: nothing to replay
+        rec = self._replay[0]
+        outs = [t for t in tree_flatten(rec["out"])[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not outs:
+            return
+        names = [n for n in sq if n in self._params]
+        params = [self._params[n] for n in names]
+        args, kwargs = rec["inputs"]
+        cpu, cuda = rec["rng"]
+        devices = list(range(len(cuda))) if cuda is not None else []
+        self._muted = True
+        try:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                torch.set_rng_state(cpu)
+                if cuda is not None:
+                    torch.cuda.set_rng_state_all(cuda)
+                ref_out = self.model(*args, **kwargs)
+        finally:
+            self._muted = False
+        ref_outs = [t for t in tree_flatten(ref_out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+        if len(ref_outs) != len(outs) or any(a.shape != b.shape for a, b in zip(outs, ref_outs)):
+            return
+        if any(not torch.allclose(a.detach(), b.detach(), rtol=1e-5, atol=1e-6) for a, b in zip(outs, ref_outs)):
+            return  # not reproducible (e.g. a random op outside torch's RNG): no reference
+        B = losses.shape[0]
+        dtype = next(iter(sq.values())).dtype
+        tol = 1e-6 if dtype == torch.float64 else (1e-3 if dtype == torch.float32 else 3e-2)
+        for i in sorted({0, B // 2, B - 1}):
+            go = torch.autograd.grad(losses[i], outs, retain_graph=True, allow_unused=True)
+            pairs = [(o, g) for o, g in zip(ref_outs, go) if g is not None]
+            if not pairs:
+                continue
+            ref = torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs], retain_graph=True,
+                                      allow_unused=True)
+            ref_sq = {n: (r.detach().double().pow(2).sum() if r is not None else torch.zeros((), dtype=torch.float64))
+                      for n, r in zip(names, ref)}
+            scale = float(sum(ref_sq.values()).sqrt()) + 1e-12
+            for n in names:
+                ours = float(sq[n][i].double().clamp_min(0).sqrt())
+                theirs = float(ref_sq[n].sqrt())
+                if abs(ours - theirs) > tol * scale + 1e-9:
+                    l = next(l for l in self._layers if n in l.full.values())
+                    raise UserError(
+                        f"per-sample gradient of {n!r} (module {l.name!r}, {type(l.module).__name__}) has norm "
+                        f"{ours:.4g} for sample {i} but {theirs:.4g} by a per-sample reference: the engine does not "
+                        "follow how this parameter is used; freeze it with dpbench.models.freeze(model, "
+                        f"[{n!r}]) or register a rule with @dpbench.clipping.register_rule")
 
     def _check_state(self):
         for name, m in self._bns:

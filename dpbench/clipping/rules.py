@@ -63,6 +63,23 @@ def _per_sample_sq(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).pow(2).sum(1)
 
 
+#: A ghost norm sum_ts (A A')_ts (G G')_ts whose terms cancel by more than this factor
+#: (sum |terms| > CANCELLATION * |sum|) is recomputed by instantiation for that sample, so
+#: its rounding error stays below about CANCELLATION * T * eps relative.
+CANCELLATION = 1e3
+
+
+def _stable_ghost(prod: torch.Tensor, dims, exact) -> torch.Tensor:
+    """sum of `prod` over `dims`; samples where it cancels get `exact(idx)` instead."""
+    sq = prod.sum(dims)
+    mag = prod.abs().sum(dims)
+    bad = mag > CANCELLATION * sq.abs()
+    if bool(bad.any()):
+        idx = bad.nonzero().squeeze(1)
+        sq = sq.index_copy(0, idx, exact(idx).to(sq.dtype))
+    return sq
+
+
 class LayerRule:
     """Base class of a layer rule. One instance per hooked module.
 
@@ -166,7 +183,8 @@ class MatmulRule(LayerRule):
             else:
                 aa = torch.matmul(A, A.transpose(-1, -2))  # (B, n, T, T)
                 gg = torch.matmul(G, G.transpose(-1, -2))
-                res["weight"] = (aa * gg).sum((1, 2, 3))
+                res["weight"] = _stable_ghost(aa * gg, (1, 2, 3), lambda i: _per_sample_sq(
+                    torch.matmul(G[i].transpose(-1, -2), A[i])))
         if "bias" in names:
             res["bias"] = _per_sample_sq(self._bias(module, grads))
         return res
@@ -333,7 +351,8 @@ class EmbeddingRule(LayerRule):
         idx, G = self._flat(module, acts, grads)
         same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(G.dtype)
         gg = torch.matmul(G, G.transpose(1, 2))
-        return {"weight": (same * gg).sum((1, 2))}
+        return {"weight": _stable_ghost(same * gg, (1, 2), lambda i: _per_sample_sq(
+            self.per_sample(module, [a[i] for a in acts], [g[i] for g in grads], names)["weight"]))}
 
     def per_sample(self, module, acts, grads, names):
         idx, G = self._flat(module, acts, grads)
@@ -429,19 +448,26 @@ class LayerScaleRule(LayerRule):
 
 
 class DirectParamsRule(LayerRule):
-    """Token-like parameters held directly by a module (a ViT's cls_token, pos_embed).
+    """Parameters held directly by a module and used in its forward code (a ViT's cls_token,
+    pos_embed; a (1, H, W) or (C, 1, 1) map added to features).
 
-    A parameter of shape (1, ...) with at least 3 dimensions is taken to broadcast over the
-    batch: during the forward pass the engine swaps in a per-sample leaf of shape (B, ...)
-    (a view, no copy) and reads each sample's gradient from it. Its gradient is the
-    per-sample gradient itself, so `grads` holds {name: (B, ...)} per use.
+    During the forward pass the engine follows each such parameter p (engine._DirectUses):
+    it sees a detached copy, and a per-sample leaf L of shape (B, *p.shape) (an expanded
+    view, no copy) stands for B copies of it. Computations from p alone (indexing, reshapes,
+    arithmetic with constants) are mapped over L with torch.func.vmap; where the result meets
+    the batch in a broadcasting op (x + p, x * p[0], p.expand(B, ...), torch.where) that
+    broadcasts it over the batch axis, sample i gets copy i. Any other use is refused at the
+    forward pass. The gradient of L is the per-sample gradient, so `grads` holds
+    {name: (B, *p.shape)} per use.
     """
 
     param_names = ()
 
     @staticmethod
     def supports(p: torch.Tensor) -> bool:
-        return p.dim() >= 3 and p.shape[0] == 1
+        # One-dimensional parameters of unknown modules (PReLU, custom scales) are refused when
+        # the engine is built: they are usually used by a functional op (F.prelu) that has no rule.
+        return p.dim() >= 2
 
     def capture(self, module, inputs, output, names):
         return None
@@ -456,12 +482,12 @@ class DirectParamsRule(LayerRule):
         for n in names:
             p = getattr(module, n)
             if n not in res:  # this parameter did not reach the loss
-                res[n] = torch.zeros(B, *p.shape[1:], dtype=p.dtype, device=p.device)
+                res[n] = torch.zeros(B, *p.shape, dtype=p.dtype, device=p.device)
         return res
 
     def weighted_sum(self, module, acts, grads, coef, names, per_sample=None):
         ps = per_sample if per_sample else self.per_sample(module, acts, grads, names)
-        return {n: torch.einsum("b,b...->...", coef[n].to(ps[n].dtype), ps[n]).unsqueeze(0) for n in names}
+        return {n: torch.einsum("b,b...->...", coef[n].to(ps[n].dtype), ps[n]) for n in names}
 
 
 def ghost_is_cheaper(T: int, D: int, p: int) -> bool:
