@@ -239,6 +239,56 @@ def test_modes_and_errors(split):
                          progress=False)  # delta >= 1/n
 
 
+def test_every_private_step_is_a_dp_optimizer_step_and_everything_agrees(split, monkeypatch):
+    """steps_taken, the ledger, the planned private steps and the inner optimizer's steps agree."""
+    data, _ = split
+    inner_steps = []
+    real_step = torch.optim.AdamW.step
+
+    def counting_step(self, *a, **kw):
+        inner_steps.append(1)
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    sched = mixing.make_schedule("cosine", 12, decay_steps=5)  # public-only, mixed and private steps
+    res = mixing.fit_mixed(mlp(), data, sched, private_batch_size=20, public_batch_size=16, noise_multiplier=1.0,
+                           delta=1e-3, progress=False)
+    assert res.optimizer.steps_taken == res.ledger.steps == res.private_steps == sched.private_steps == 11
+    assert res.optimizer.public_steps == 1 and res.public_steps == sched.public_steps == 5
+    assert len(inner_steps) == sched.steps == 12
+    assert res.epsilon == pytest.approx(accounting.epsilon(1.0, 20 / data.n_private, 11, delta=1e-3), rel=1e-9)
+    assert res.config["schedule"] == "cosine" and {r["schedule"] for r in res.history} == {"cosine"}
+    # the engine built for the run is detached: no copy of the model was needed for public passes
+    assert res.engine._handles == []
+
+
+def test_mixed_dp_step_adds_the_noise_of_the_private_part_only(split):
+    """One sample-ratio step at q = 1: dp minus clip_only (same seed, same batches) is exactly
+    lr (1 - a) N(0, sigma^2 C^2) / E[B] per coordinate (plain SGD): the mixing is the paper's rule
+    in distribution, not only in expectation."""
+    data, _ = split
+    n = data.n_private
+    sched = mixing.make_schedule("sample_ratio", 1, n_public=1, n_private=3)  # a = 0.25
+    sigma, C, lr, a = 2.0, 0.5, 0.5, 0.25
+    z = []
+    for seed in range(4):
+        runs = {mode: mixing.fit_mixed(mlp(), data, sched, private_batch_size=n, public_batch_size=16,
+                                       optimizer="sgd", lr=lr, noise_multiplier=sigma, max_grad_norm=C, delta=1e-3,
+                                       mode=mode, eval_at_start=False, seed=seed, progress=False)
+                for mode in ("dp", "clip_only")}
+        diff = torch.cat([(p - q).detach().flatten() for p, q in zip(runs["dp"].model.parameters(),
+                                                                       runs["clip_only"].model.parameters())])
+        z.append(diff / (-lr * (1 - a) * sigma * C / n))
+    z = torch.cat(z)
+    assert len(z) > 600
+    assert abs(float(z.mean())) < 0.15 and 0.9 < float(z.std()) < 1.1
+
+
+def test_mixing_plan_refuses_missing_public_data():
+    with pytest.raises(UserError, match="public data"):
+        mixing.MixingPlan(mixing.make_schedule("only_public", 3), None)
+
+
 # --------------------------------------------------------------------- checkpoints
 
 

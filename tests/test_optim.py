@@ -250,3 +250,112 @@ def test_bad_input():
     _, _, opt = make()
     with pytest.raises(UserError, match="closure"):
         opt.step(lambda: 0.0)
+
+
+# --------------------------------------------------------------------------- the paused engine
+
+
+def _real(seed=0):
+    from dpbench.clipping import ClippingEngine
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    engine = ClippingEngine(model, max_grad_norm=0.5)
+    opt = DPOptimizer(torch.optim.SGD(engine.trainable_parameters(), lr=0.1), engine, 0.0, 8.0, seed=0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
+    return model, engine, opt, x, y
+
+
+def _losses(model, x, y):
+    return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+def test_paused_pass_records_nothing_and_leaves_no_engine_state():
+    model, engine, opt, x, y = _real()
+    handles = len(engine._handles)
+    opt.zero_grad()
+    opt.backward(_losses(model, x, y))
+    reference = [p.grad.clone() for p in model.parameters()]
+    opt.zero_grad()
+    with engine.paused():
+        assert engine._handles == []
+        grads = torch.autograd.grad(_losses(model, x, y).mean(), list(model.parameters()))
+        assert all(not l.uses for l in engine._layers)  # no activation kept
+    assert len(engine._handles) == handles
+    assert all(not l.uses and l.stash is None and l.pending is None for l in engine._layers)
+    assert all(p.grad is None for p in model.parameters())  # autograd.grad writes no .grad
+    # the public gradient is the plain mean gradient, and the next private pass is unaffected
+    ref_mean = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+    for a, b in zip(grads, ref_mean):
+        torch.testing.assert_close(a, b)
+    opt.backward(_losses(model, x, y))
+    for p, r in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.grad, r)
+
+
+def test_raw_gradients_written_while_paused_are_refused_until_cleared_or_consumed():
+    model, engine, opt, x, y = _real()
+    with engine.paused():
+        _losses(model, x, y).mean().backward()  # raw, unclipped .grad
+    with pytest.raises(UserError, match="paused"):
+        opt.backward(_losses(model, x, y))
+    with pytest.raises(UserError, match="paused"):
+        opt.step()  # the empty-batch path too: noise must not be added to raw gradients
+    assert opt.steps_taken == 0
+    opt.zero_grad()  # cleared: fine again
+    opt.backward(_losses(model, x, y))
+    opt.step()
+    assert opt.steps_taken == 1
+    # consumed by a public step: fine again, and not counted as a private step
+    with engine.paused():
+        _losses(model, x, y).mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.public_step()
+    assert opt.public_steps == 1 and opt.steps_taken == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    opt.backward(_losses(model, x, y))
+    opt.step()
+    assert opt.steps_taken == 2
+
+
+def test_raw_gradients_added_to_a_partial_private_sum_are_refused():
+    model, engine, opt, x, y = _real()
+    opt.zero_grad()
+    opt.backward(_losses(model, x[:4], y[:4]))  # clipped sum of the first chunk
+    with engine.paused():
+        _losses(model, x, y).sum().backward()  # accumulates raw gradients on top
+    with pytest.raises(UserError, match="raw gradients"):
+        opt.backward(_losses(model, x[4:], y[4:]))
+    with pytest.raises(UserError, match="raw gradients"):
+        opt.step()
+    opt.zero_grad()
+    opt.backward(_losses(model, x, y))
+    opt.step()
+    assert opt.steps_taken == 1
+
+
+def test_gradients_zeroed_in_place_count_as_cleared():
+    model, engine, opt, x, y = _real()
+    with engine.paused():
+        _losses(model, x, y).mean().backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None for p in model.parameters())
+    opt.backward(_losses(model, x, y))
+    opt.step()
+    assert opt.steps_taken == 1
+
+
+def test_pausing_with_a_recorded_forward_is_refused_and_nesting_is_harmless():
+    model, engine, opt, x, y = _real()
+    losses = _losses(model, x, y)
+    with pytest.raises(UserError, match="not backpropagated"):
+        with engine.paused():
+            pass
+    opt.backward(losses)
+    with engine.paused():
+        with engine.paused():
+            torch.autograd.grad(_losses(model, x, y).sum(), list(model.parameters()))
+        assert engine._handles == []
+    assert engine._handles

@@ -1,4 +1,4 @@
-"""Public and private data in one training run: splits, schedules, the switch, the loop.
+"""Public and private data in one training run: splits, schedules, the switch, a plan over `fit`.
 
 Bu et al. (2024, arXiv 2402.18752; PAPERS.md A) write every way of using a little public
 data during DP training as one update direction (their Table 2):
@@ -15,6 +15,11 @@ gradient and is written to the `PrivacyLedger`. The sample rate q is the expecte
 batch size over the PRIVATE set's size: public examples are not in the sampled population.
 Scaling the private gradient by (1 - a_t) is post-processing.
 
+There is no separate loop: `MixingPlan` turns a schedule into a `dpbench.training.loop.StepPlan`
+and `fit_mixed` runs it through `fit`, so every private step is a `DPOptimizer.step` (its step
+count, the ledger and the parameters agree) and public gradients are computed with the
+clipping engine paused (`ClippingEngine.paused`), on the same model.
+
 At the switch of the sequential schedule the optimizer state can be reset in part
 (`reset_optimizer_state`): the paper resets AdamW's first moment m and keeps the second
 moment v and the step count t.
@@ -25,19 +30,21 @@ and `load_public_checkpoint` refuses a private set that overlaps them.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from dpbench.data import split_public_private
 from dpbench.errors import UserError
+from dpbench.models import create_model, load_checkpoint, save_checkpoint
+from dpbench.privacy import accounting
+from dpbench.training.loop import (BatchSpec, ClipSpec, EvalSpec, OptimSpec, PlannedStep, PrivacySpec, StepPlan,
+                                   TrainResult, as_tensors, fit)
 
 SCHEDULES = ("only_private", "only_public", "sequential", "sample_ratio", "cosine")
 MODES = ("dp", "non_private", "clip_only", "noise_only")
@@ -58,8 +65,6 @@ def _take(ds: Any, idx: torch.Tensor) -> Any:
     """Subset of a dpbench data set (keeps origin indices) or of an (x, y) pair."""
     if hasattr(ds, "subset"):
         return ds.subset(idx)
-    from dpbench.training.loop import as_tensors
-
     x, y = as_tensors(ds)
     return (x[idx], y[idx])
 
@@ -103,9 +108,6 @@ def split_dataset(dataset: Any, public_fraction: float | None = None, public_cla
     Uses `dpbench.data.split_public_private` (stratified by class for a fraction). Both
     parts must be non-empty.
     """
-    from dpbench.data import split_public_private
-    from dpbench.training.loop import as_tensors
-
     _, y = as_tensors(dataset)
     pub, priv = split_public_private(y, public_fraction=public_fraction, public_classes=public_classes, seed=seed)
     if len(pub) == 0 or len(priv) == 0:
@@ -125,8 +127,6 @@ def separate_datasets(public: Any, private: Any, *, public_split: str = "train",
     The same data set and split on both sides would make every example both public and
     private: that is refused (use `split_dataset`).
     """
-    from dpbench.training.loop import as_tensors
-
     pn = public_name or getattr(public, "name", "public")
     qn = private_name or getattr(private, "name", "private")
     if (pn, public_split) == (qn, private_split):
@@ -315,66 +315,68 @@ class _UnclippedSum:
         pass
 
 
-@dataclass
-class MixedResult:
-    """Outcome of `fit_mixed`: tidy history rows, final metrics, ledger and settings."""
+class _Unaccounted:
+    """Ledger stand-in for the ablation modes, which are not private: epsilon is inf once a
+    step has touched the private data (0 before), and nothing is sent to an accountant."""
 
-    history: list[dict[str, Any]]
-    final: dict[str, Any]
-    model: torch.nn.Module
-    ledger: Any
-    schedule: Schedule
-    mode: str
-    noise_multiplier: float
-    sample_rate: float
-    private_steps: int
-    public_steps: int
-    delta: float
-    config: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, delta: float):
+        self.delta = float(delta)
+        self.steps = 0
+        self.events: list[dict[str, Any]] = []
 
-    @property
+    def record_dpsgd(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        self.steps += int(steps)
+
     def epsilon(self) -> float:
-        return self.final["epsilon"]
-
-    def frame(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.history)
-
-    def record(self, recorder: Any, *, method: str = "", seed: int | None = None, claim_id: str = "",
-               **params: Any) -> None:
-        """Add the history to a `Recorder`: one row per (step, metric)."""
-        for row in self.history:
-            for metric in ("train_loss", "test_loss", "test_acc"):
-                if row.get(metric) is None:
-                    continue
-                recorder.add(metric, row[metric], method=method, epsilon=row["epsilon"], delta=self.delta,
-                             seed=seed, step=row["step"], weight=row["weight"], schedule=self.schedule.name,
-                             claim_id=claim_id if row is self.history[-1] else "", **params)
+        return math.inf if self.steps else 0.0
 
 
-def _per_sample_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out, y, reduction="none")
+class MixingPlan(StepPlan):
+    """A `Schedule` as a `dpbench.training.loop.StepPlan`: public batches where a_t > 0,
+    private Poisson batches (drawn by `fit`) where a_t < 1.
 
+    Public batches come from `PublicBatches(len(public), public_batch_size, seed)`. At the
+    sequential schedule's switch, `on_switch(model, optimizer)` is called (the model then
+    holds the public-phase weights) and the optimizer state parts in `reset` are zeroed.
+    """
 
-# Accountant results are pure functions of their arguments; notebooks repeat the same
-# (sigma, q, steps) over seeds and arms, so they are computed once per process.
-_ACCOUNTING_MEMO: dict[tuple, Any] = {}
+    def __init__(self, schedule: Schedule, public: Any = None, *, public_batch_size: int = 64, seed: int = 0,
+                 reset: str | Iterable[str] | None = "m",
+                 on_switch: Callable[[torch.nn.Module, Any], Any] | None = None):
+        self.schedule = schedule
+        self.steps = schedule.steps
+        self.private_steps = schedule.private_steps
+        self.letters = parse_reset(reset)
+        self.on_switch = on_switch
+        self.public_xy = None
+        self.batches = None
+        if schedule.public_steps:
+            if public is None:
+                raise UserError(f"the {schedule.name} schedule takes public steps; pass the public data")
+            self.public_xy = as_tensors(public)
+            self.batches = PublicBatches(len(self.public_xy[1]), public_batch_size, seed=seed)
 
+    def weight(self, t: int) -> float:
+        return self.schedule.weight(t)
 
-def _memo(fn: Callable, *args: Any, **kw: Any) -> Any:
-    key = (fn.__module__, fn.__qualname__, args, tuple(sorted(kw.items())))
-    if key not in _ACCOUNTING_MEMO:
-        _ACCOUNTING_MEMO[key] = fn(*args, **kw)
-    return _ACCOUNTING_MEMO[key]
+    def iter_steps(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[PlannedStep]:
+        public = iter(self.batches) if self.batches is not None else None
+        for t in range(self.steps):
+            if self.schedule.is_switch(t):
+                if self.on_switch is not None:  # e.g. save the public-phase checkpoint
+                    self.on_switch(model, optimizer)
+                if self.letters:
+                    reset_optimizer_state(optimizer, self.letters)
+            a = self.schedule.weight(t)
+            batch = None
+            if a > 0.0:
+                idx = next(public)
+                batch = (self.public_xy[0][idx], self.public_xy[1][idx])
+            yield PlannedStep(private=a < 1.0, public=batch, public_weight=a)
 
-
-def _ledger_epsilon(ledger: Any) -> float:
-    """ledger.epsilon(), memoised on the ledger's events, delta and accountant."""
-    key = ("ledger", json.dumps(ledger.events, sort_keys=True), ledger.delta, ledger.accountant)
-    if key not in _ACCOUNTING_MEMO:
-        _ACCOUNTING_MEMO[key] = float(ledger.epsilon())
-    return _ACCOUNTING_MEMO[key]
+    def describe(self) -> dict[str, Any]:
+        return {"schedule": self.schedule.name, "reset": "".join(self.letters) or "none",
+                "private_steps_planned": self.private_steps, "public_steps_planned": self.schedule.public_steps}
 
 
 def fit_mixed(
@@ -409,190 +411,82 @@ def fit_mixed(
     method: str = "",
     on_switch: Callable[[torch.nn.Module, Any], Any] | None = None,
     progress: bool = True,
-) -> MixedResult:
+) -> TrainResult:
     """Train on public and private data with g_t = a_t g_public + (1 - a_t) g_private_DP.
 
+    A convenience wrapper: `dpbench.training.loop.fit` with a `MixingPlan(schedule, ...)`.
     Private part: Poisson sampling with q = private_batch_size / n_private (the private
     set's size only), per-sample clipping by a `ClippingEngine` (`clip_fn`, default
-    "automatic" with `gamma`, as the paper), Gaussian noise once per logical batch via
-    `DPOptimizer.add_noise`, divided by the expected batch size. Public part: mean gradient
-    of an ordinary shuffled batch. The inner optimizer (default AdamW, i.e. DP-AdamW on the
-    private steps) steps on the combination. At the sequential schedule's switch the
-    optimizer state parts in `reset` are zeroed first.
+    "automatic" with `gamma`, as the paper), Gaussian noise once per logical batch in
+    `DPOptimizer.step`, divided by the expected batch size. Public part: mean gradient of an
+    ordinary shuffled batch, computed with the engine paused. The inner optimizer (default
+    AdamW, i.e. DP-AdamW on the private steps) steps on the combination. At the sequential
+    schedule's switch `on_switch(model, optimizer)` is called, then the optimizer state
+    parts in `reset` are zeroed.
 
     Privacy: `noise_multiplier`, or `target_epsilon` calibrated for the schedule's number of
     private steps. Only steps with a_t < 1 enter the ledger; a run without private steps
-    has epsilon 0. `on_switch(model, optimizer)` is called at the sequential switch, before
-    the reset (the model then holds the public-phase weights).
+    has epsilon 0. Evaluates every `eval_every` steps (default: 20 times per run).
 
-    `mode` ablates the private gradient (figure 1 of the paper): "non_private" (plain mean),
-    "clip_only" (clipped, no noise), "noise_only" (unclipped + the same noise, scaled by
-    `max_grad_norm`); those are not private and report epsilon = inf.
+    `mode` ablates the private gradient (figure 1 of the paper): "non_private" (plain sum /
+    E[B]), "clip_only" (clipped, no noise), "noise_only" (unclipped + the same noise, scaled
+    by `max_grad_norm`); those are not private, keep no ledger and report epsilon = inf.
+    Returns fit's `TrainResult` (history rows also carry the public weight, the private step
+    count and the schedule's name; `method` is the run label).
     """
-    from torch.func import functional_call
-    from tqdm.auto import tqdm
-
-    from dpbench.privacy import accounting
-    from dpbench.training.optimizer import DPOptimizer, LogicalBatching
-    from dpbench.training.sampling import PoissonSampler, split_physical
-    from dpbench.training.loop import as_tensors, evaluate, make_optimizer, resolve_device
-
     if mode not in MODES:
         raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    dev = resolve_device(device)
-    loss_fn = loss_fn or _per_sample_ce
-    letters = parse_reset(reset)
-    px, py = as_tensors(data.private)
-    n_priv = len(py)
-    pub_x = pub_y = None
-    if schedule.public_steps:
-        pub_x, pub_y = as_tensors(data.public)
-
-    # --- sampling and privacy: q from the private set only --------------------------
-    q = float(private_batch_size) / n_priv
-    if not (0.0 < q <= 1.0):
+    if not isinstance(schedule, Schedule):
+        raise UserError("schedule must be a dpbench.training.mixing.Schedule (see make_schedule)")
+    n_priv = len(as_tensors(data.private)[1])
+    if not 0.0 < float(private_batch_size) <= n_priv:
         raise UserError(f"private_batch_size must be in (0, n_private={n_priv}], got {private_batch_size!r}")
-    P = schedule.private_steps
-    if (noise_multiplier is None) == (target_epsilon is None):
-        if mode == "non_private" or mode == "clip_only":
-            noise_multiplier = 0.0 if noise_multiplier is None else noise_multiplier
-        else:
-            raise UserError("give exactly one of noise_multiplier and target_epsilon")
-    if target_epsilon is not None and mode in ("dp", "noise_only"):
-        if target_epsilon <= 0:
-            raise UserError(f"target_epsilon must be > 0, got {target_epsilon!r}")
-        noise_multiplier = (_memo(accounting.noise_multiplier, float(target_epsilon), q, P, delta=delta,
-                                  accountant=accountant) if P else 0.0)
-    sigma = float(noise_multiplier or 0.0) if mode in ("dp", "noise_only") else 0.0
-    private = mode == "dp"
-    if private:
-        accounting.check_delta(delta, n_priv)
-        if ledger is None:
-            ledger = accounting.PrivacyLedger(delta=delta, n=n_priv, accountant=accountant)
-    sampler = PoissonSampler(n_priv, q, P, seed=seed)
-    if max_physical_batch is None:
-        max_physical_batch = n_priv
+    q = float(private_batch_size) / n_priv
+    dp = mode == "dp"
+    if (noise_multiplier is None) == (target_epsilon is None) and mode in ("dp", "noise_only"):
+        raise UserError("give exactly one of noise_multiplier and target_epsilon")
+    if mode == "noise_only" and target_epsilon is not None:
+        noise_multiplier = (accounting.noise_multiplier(float(target_epsilon), q, schedule.private_steps, delta=delta,
+                                                        accountant=accountant) if schedule.private_steps else 0.0)
+    if dp:
+        privacy = PrivacySpec(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
+                              accountant=accountant, ledger=ledger, track_epsilon=ledger is not None)
     else:
-        LogicalBatching(q * n_priv, max_physical_batch)
+        sigma = float(noise_multiplier) if mode == "noise_only" else 0.0
+        privacy = PrivacySpec(noise_multiplier=sigma, delta=delta, accountant=accountant, track_epsilon=False,
+                              ledger=_Unaccounted(delta))
+    unclipped = mode in ("non_private", "noise_only")
+    clipping = ClipSpec(max_grad_norm=max_grad_norm, method=clip_method, clip_fn=clip_fn, options={"gamma": gamma},
+                        engine=_UnclippedSum(model, max_grad_norm) if unclipped else None)
+    plan = MixingPlan(schedule, data.public if schedule.public_steps else None, public_batch_size=public_batch_size,
+                      seed=seed, reset=reset, on_switch=on_switch)
+    result = fit(
+        model, data.private,
+        batching=BatchSpec(expected_batch_size=private_batch_size, max_physical_batch=max_physical_batch),
+        privacy=privacy, clipping=clipping,
+        optim=OptimSpec(optimizer=optimizer, lr=lr, kwargs=optimizer_kwargs, loss_fn=loss_fn),
+        evaluation=EvalSpec(test_data=test_data, every=eval_every or max(1, schedule.steps // 20),
+                            at_start=eval_at_start, batch_size=eval_batch_size, progress=progress),
+        plan=plan, seed=seed, device=device, label=method or schedule.name)
 
-    # --- model, engine, optimizer ---------------------------------------------------
-    torch.manual_seed(seed)
-    model.to(dev)
-    model.train()
-    # Public gradients go through an unhooked copy of the model run on the live parameters
-    # (functional_call), so the clipping engine's hooks never see public forwards.
-    shadow = copy.deepcopy(model) if schedule.public_steps else None
-    if mode in ("dp", "clip_only"):
-        from dpbench.clipping import ClippingEngine
-
-        engine = ClippingEngine(model, max_grad_norm=max_grad_norm, method=clip_method, clip_fn=clip_fn, gamma=gamma)
-    else:
-        engine = _UnclippedSum(model, max_grad_norm)
-    params = [p[1] if isinstance(p, tuple) else p for p in engine.trainable_parameters()]
-    inner = make_optimizer(optimizer, params, lr, **(optimizer_kwargs or {}))
-    divisor = q * n_priv
-    dp_opt = DPOptimizer(inner, engine, sigma, divisor, seed=seed + 1)
-    pub_iter = iter(PublicBatches(len(pub_y), public_batch_size, seed=seed)) if pub_y is not None else None
-    if eval_every is None:
-        eval_every = max(1, schedule.steps // 20)
-
-    history: list[dict[str, Any]] = []
-    pending = 0
-    loss_sum, loss_count = 0.0, 0
-    train_time = 0.0
-    priv_iter = iter(sampler)
-    private_taken = 0
-
-    def flush() -> None:
-        nonlocal pending
-        if private and pending:
-            ledger.record_dpsgd(sigma, q, steps=pending)
-            pending = 0
-
-    def eval_row(step: int) -> None:
-        nonlocal loss_sum, loss_count
-        eps = None if private else (0.0 if private_taken == 0 else math.inf)  # dp: filled in below
-        row = {"step": step, "weight": schedule.weight(max(step - 1, 0)),
-               "private_steps": private_taken, "train_loss": loss_sum / loss_count if loss_count else None,
-               "test_loss": None, "test_acc": None, "epsilon": eps, "wall_time_s": train_time}
-        if test_data is not None:
-            row["test_loss"], row["test_acc"] = evaluate(model, test_data, eval_batch_size, dev, loss_fn)
-        loss_sum, loss_count = 0.0, 0
-        history.append(row)
-
-    if eval_at_start:
-        eval_row(0)
-    bar = tqdm(total=schedule.steps, disable=not progress, desc=method or schedule.name, leave=False)
-    try:
-        for t in range(schedule.steps):
-            t0 = time.perf_counter()
-            a = schedule.weight(t)
-            if schedule.is_switch(t):
-                if on_switch is not None:  # e.g. save the public-phase checkpoint
-                    on_switch(model, inner)
-                if letters:
-                    reset_optimizer_state(inner, letters)
-            g_pub = None
-            if a > 0.0:
-                # Public gradient: an ordinary mean over a shuffled public batch, no clipping,
-                # no noise, through the unhooked shadow; autograd.grad leaves .grad alone.
-                idx = next(pub_iter)
-                xb, yb = pub_x[idx].to(dev), pub_y[idx].to(dev)
-                live = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-                losses = loss_fn(functional_call(shadow, live, (xb,)), yb)
-                g_pub = torch.autograd.grad(losses.mean(), params)
-                loss_sum += float(losses.detach().sum()) * (1.0 if a == 1.0 else 0.0)
-                loss_count += len(idx) if a == 1.0 else 0
-            dp_opt.zero_grad()
-            if a < 1.0:
-                batch = next(priv_iter)
-                for chunk in split_physical(batch, max_physical_batch):
-                    xb, yb = px[chunk].to(dev), py[chunk].to(dev)
-                    losses = loss_fn(model(xb), yb)
-                    dp_opt.backward(losses)
-                    loss_sum += float(losses.detach().sum())
-                    loss_count += len(chunk)
-                dp_opt.add_noise()  # once per logical batch, empty ones included; / E[B]
-                private_taken += 1
-                pending += 1
-                for p, gp in zip(params, g_pub if g_pub is not None else [None] * len(params)):
-                    p.grad.mul_(1.0 - a)
-                    if gp is not None:
-                        p.grad.add_(gp, alpha=a)
-            else:
-                for p, gp in zip(params, g_pub):
-                    p.grad = gp.detach().clone()
-            inner.step()
-            train_time += time.perf_counter() - t0
-            bar.update(1)
-            if (t + 1) % eval_every == 0 or t + 1 == schedule.steps:
-                eval_row(t + 1)
-        if schedule.steps == 0 and not history:
-            eval_row(0)
-    finally:
-        bar.close()
-        flush()  # steps taken count even if training failed
-        engine.remove()
-
-    if private:
+    if dp and ledger is None:
         # History epsilons for the private step counts reached at each evaluation, in one
-        # accountant pass; the final value comes from the ledger itself.
-        counts = [row["private_steps"] for row in history]
-        curve = _memo(accounting.epsilon_curve, sigma, q, tuple(counts), delta=delta, accountant=accountant)
-        for row, e in zip(history, curve):
+        # accountant pass (RDP composes linearly); the final value comes from the ledger.
+        curve = accounting.epsilon_curve(result.noise_multiplier, q, [r["private_steps"] for r in result.history],
+                                         delta=delta, accountant=accountant)
+        for row, e in zip(result.history, curve):
             row["epsilon"] = float(e)
-        history[-1]["epsilon"] = _ledger_epsilon(ledger)
-    final = dict(history[-1])
-    final["epsilon"] = _ledger_epsilon(ledger) if private else (0.0 if private_taken == 0 else math.inf)
-    return MixedResult(
-        history=history, final=final, model=model, ledger=ledger, schedule=schedule, mode=mode,
-        noise_multiplier=sigma, sample_rate=q, private_steps=private_taken, public_steps=schedule.public_steps,
-        delta=delta,
-        config={"private_batch_size": private_batch_size, "public_batch_size": public_batch_size,
-                "optimizer": str(optimizer), "lr": lr, "max_grad_norm": max_grad_norm, "clip_fn": clip_fn,
-                "gamma": gamma, "reset": "".join(letters) or "none", "seed": seed, "device": str(dev),
-                **data.describe()},
-    )
+        result.history[-1]["epsilon"] = result.final["epsilon"]
+    elif not dp:
+        for row in result.history:
+            row["epsilon"] = math.inf if row["private_steps"] else 0.0
+        result.ledger = None
+        result.private = False
+    for row in result.history:
+        row["schedule"] = schedule.name
+    result.config.update({"mode": mode, "private_batch_size": private_batch_size,
+                          "public_batch_size": public_batch_size, "gamma": gamma, **data.describe()})
+    return result
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -631,8 +525,6 @@ def save_public_checkpoint(model: torch.nn.Module, path: str | Path, data: Publi
     origin indices), _model (JSON: how to rebuild the model with `dpbench.models.create_model`)
     and _extra (JSON, e.g. steps and lr).
     """
-    from dpbench.models import save_checkpoint
-
     meta = {
         f"{METADATA_PREFIX}dataset": str(data.dataset),
         f"{METADATA_PREFIX}split": str(data.split),
@@ -652,7 +544,8 @@ def read_public_metadata(path: str | Path) -> PublicCheckpointInfo:
 
     path = Path(path)
     if not path.exists():
-        raise UserError(f"public checkpoint {path} does not exist; run notebook 03_public_pretraining first")
+        raise UserError(f"public checkpoint {path} does not exist; run the public phase that writes it "
+                        "(save_public_checkpoint) first, or pass the right path")
     with safe_open(str(path), framework="pt") as fh:
         meta = dict(fh.metadata() or {})
     key = f"{METADATA_PREFIX}indices"
@@ -703,8 +596,6 @@ def load_public_checkpoint(path: str | Path, private: Any, *, dataset: str | Non
     recorded spec (keyword overrides in `create_kw`, e.g. num_classes for another task, with
     `skip_head_mismatch=True` to keep the new head). Returns (model, info).
     """
-    from dpbench.models import create_model, load_checkpoint
-
     info = read_public_metadata(path)
     check_no_overlap(info, private, dataset=dataset, split=split)
     if model is None:
