@@ -37,21 +37,27 @@ def png_bytes(width: int = 40, height: int = 30, rgb=(30, 120, 200)) -> bytes:
 
 
 CLAIMS = [
-    # claim_id, method, metric, value
-    ("X-a-beats-b", "a > b", "test accuracy", ""),
-    ("X-sigma-eps1", "DP-LS", "noise multiplier", "8.5"),
-    ("X-imagenet-acc", "big model", "top-1 accuracy (%)", "88.0"),
-    ("X-never-run", "c > d", "test accuracy", ""),
+    # claim_id, method, metric, value, extra judging columns
+    ("X-a-beats-b", "a > b", "test accuracy", "", {"unit": "test accuracy (fraction)", "setting_keys": "epsilon=1"}),
+    ("X-sigma-eps1", "DP-LS", "noise multiplier", "8.5", {"kind": "derived check", "test": "value", "margin": "0.05",
+                                                         "margin_source": "rounding"}),
+    ("X-imagenet-acc", "big model", "top-1 accuracy (%)", "88.0", {"unit": "%", "test": "value"}),
+    ("X-never-run", "c > d", "test accuracy", "", {}),
+    ("X-time-s", "mixed", "seconds per epoch", "37", {"unit": "s/epoch", "ratio_to": "X-nondp-time-s"}),
+    ("X-nondp-time-s", "non-DP", "seconds per epoch", "14", {"unit": "s/epoch"}),
+    ("X-prev-best", "previous best", "top-1 accuracy (%)", "94.8", {"unit": "%", "kind": "cited context"}),
 ]
 
 
 def write_claims(path: Path, claims=CLAIMS) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(report.CLAIM_COLUMNS)
-        for cid, method, metric, value in claims:
-            w.writerow([cid, "X: Someone 2024", "Table 1", "ImageNet, ViT-B", method, metric, value, "1", "1e-5", "Table 1"])
+        w = csv.DictWriter(fh, fieldnames=report.CLAIM_COLUMNS)
+        w.writeheader()
+        for cid, method, metric, value, extra in claims:
+            w.writerow({"claim_id": cid, "paper": "X: Someone 2024", "figure_or_table": "Table 1",
+                        "setting": "ImageNet, ViT-B", "method": method, "metric": metric, "value": value, "epsilon": "1",
+                        "delta": "1e-5", "source": "Table 1", **extra})
     return path
 
 
@@ -78,15 +84,20 @@ def row(metric, value, method="", seed="", claim_id="", status="ok", reason="", 
             "metric": metric, "value": value, "status": status, "reason": reason, "claim_id": claim_id, **extra}
 
 
+PAIRS = [(0.90, 0.80), (0.92, 0.81), (0.91, 0.83), (0.93, 0.82), (0.90, 0.84), (0.92, 0.80)]
+
+
 @pytest.fixture
 def results(fake_repo):
     """Fake repo with claims, a good run of 00_tiny feeding them, and a failed 01_down."""
     write_claims(fake_repo / "references" / "paper_values.csv")
     rows = []
-    for s, (a, b) in enumerate([(0.90, 0.80), (0.92, 0.81), (0.91, 0.83)]):
+    for s, (a, b) in enumerate(PAIRS):
         rows.append(row("acc", a, "a", s, "X-a-beats-b", dataset="digits"))
         rows.append(row("acc", b, "b", s, "X-a-beats-b", dataset="digits"))
         rows.append(row("acc", 0.5 + s / 100, "big", s, "X-imagenet-acc", dataset="digits"))
+    rows.append(row("step_time_s", 0.3, "mixed", 0, "X-time-s"))
+    rows.append(row("step_time_s", 0.2, "nonprivate", 0, "X-nondp-time-s"))
     rows.append(row("noise_multiplier", 8.47, "least_squares", claim_id="X-sigma-eps1", comparison="value", exact=True))
     rows.append(row("acc", 0.3, "typo", 0, "X-typo-claim"))
     rows.append(row("acc", "", "c", 0, status="failed", reason="diverged: loss is NaN"))
@@ -102,12 +113,17 @@ def test_summary_verdicts_and_sections(results):
     by_id = {c.claim_id: c for c in rep.claims}
     assert list(by_id) == [c[0] for c in CLAIMS]
     assert by_id["X-a-beats-b"].verdict.verdict == verdicts.REPRODUCED_QUALITATIVELY
-    assert by_id["X-sigma-eps1"].verdict.verdict == verdicts.REPRODUCED_WITHIN_TOLERANCE
-    assert by_id["X-imagenet-acc"].verdict.verdict == verdicts.NOT_RESOLVED  # analogue, never judged
+    assert by_id["X-sigma-eps1"].verdict.verdict == verdicts.CONSISTENT and by_id["X-sigma-eps1"].section == "check"
+    assert by_id["X-imagenet-acc"].verdict.verdict == verdicts.NOT_COMPARABLE  # analogue, never judged
     assert by_id["X-never-run"].verdict.verdict == verdicts.NOT_RUN
+    assert by_id["X-prev-best"].section == "context"
     assert by_id["X-a-beats-b"].notebooks == ["00_tiny"]
     assert rep.unknown_claims == {"X-typo-claim": ["00_tiny"]}
-    assert rep.counts()[verdicts.NOT_RUN] == 1 and sum(rep.counts().values()) == 4
+    # the tally counts experiments only; analogues, checks and cited context apart
+    assert rep.counts()[verdicts.REPRODUCED_QUALITATIVELY] == 1 and rep.counts()[verdicts.NOT_RUN] == 1
+    assert sum(rep.counts().values()) == 2 and len(rep.of("analogue")) == 3
+    # units that cannot match become ratios to non-private training, the paper's from its own table
+    assert by_id["X-time-s"].ratio == "as ratios to X-nondp-time-s: paper 2.643x, ours 1.5x (ratio of our means)"
 
     path = report.write(rep)
     assert path == results / "results" / "cpu" / "report.html"
@@ -115,16 +131,19 @@ def test_summary_verdicts_and_sections(results):
     for cid, *_ in CLAIMS:
         assert f'id="claim-{cid}"' in page
     assert page.count('class="verdict v-qual"') >= 1 and page.count('class="verdict v-notrun"') >= 1
-    assert "95% CI of the difference" in page and "analogue rule" in page
+    assert "sign-flip" in page and "analogue: our rows come from" in page
     assert "X-typo-claim" in page  # unknown ids are listed, not silently dropped
     for text in verdicts.RULES.values():
         assert html_text(text)[:60] in page
     # notebook sections: manifest summary, failures with their errors, figures
     assert "abc123def (dirty)" in page and "12.3 s" in page and "Test CPU" in page
     assert "RuntimeError: boom in 01_down" in page
-    assert "diverged: loss is NaN" in page and "1 of 12 metric rows failed" in page
-    assert page.count("data:image/png;base64,") == 2
-    assert page.index('id="summary"') < page.index('id="rules"') < page.index('id="00_tiny"')
+    assert "diverged: loss is NaN" in page and "1 of 23 metric rows failed" in page
+    assert page.count("data:image/png;base64,") == 3  # the forest plot and two figures
+    # the picture and the tally open the report, before every table
+    assert page.index('id="forest"') < page.index('id="tally"') < page.index('id="summary"') \
+        < page.index('id="checks"') < page.index('id="context"') < page.index('id="rules"') < page.index('id="00_tiny"')
+    assert 'alt="forest plot of the empirical claims"' in page
 
 
 def html_text(s: str) -> str:
@@ -139,7 +158,7 @@ def test_report_is_self_contained(results):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:|//|file:)""", page, re.I)
     assert "url(" not in page
     srcs = re.findall(r'<img[^>]*src="([^"]+)"', page)
-    assert len(srcs) == 2
+    assert len(srcs) == 3
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -156,8 +175,14 @@ def test_report_cli_summary_and_output(results, capsys, tmp_path):
     table = "\n".join(out)
     for cid, *_ in CLAIMS:
         line = next(ln for ln in out if ln.startswith(cid + " "))
-        assert any(v in line for v in verdicts.VERDICTS)
-    assert "4 claims: 1 reproduced qualitatively, 1 reproduced within tolerance" in table
+        assert any(v in line for v in verdicts.VERDICTS + verdicts.CHECK_VERDICTS + (verdicts.CONTEXT,)), line
+    # the tally: one line per verdict, analogues, consistency checks and cited context apart
+    assert "2 claims judged as experiments:" in table
+    for v in verdicts.EMPIRICAL_VERDICTS:
+        assert any(ln.strip().endswith(v) and ln.strip().split()[0].isdigit() for ln in out), v
+    assert "3 analogues: not comparable" in table
+    assert "1 consistency checks (closed forms, accountant properties; never counted as reproductions): 1 consistent" in table
+    assert "1 cited context" in table
     assert "X-typo-claim" in table
     other = tmp_path / "elsewhere" / "r.html"
     assert main(["report", "--profile", "cpu", "-o", str(other)]) == 0
@@ -168,9 +193,13 @@ def test_report_cli_summary_and_output(results, capsys, tmp_path):
     "content, match",
     [
         ("claim_id,paper\nA-x,p\n", "must have the columns"),
-        (",".join(report.CLAIM_COLUMNS) + "\nA-x,p,f,s,m,acc,1,,,src\nA-x,p,f,s,m,acc,2,,,src\n", "duplicate claim_id 'A-x'"),
-        (",".join(report.CLAIM_COLUMNS) + "\nA-x,p,f,s,m,acc,high,,,src\n", "value 'high' of A-x is not a number"),
-        (",".join(report.CLAIM_COLUMNS) + "\n,p,f,s,m,acc,1,,,src\n", "line 2: empty claim_id"),
+        (",".join(report.CLAIM_COLUMNS) + "\nA-x,p,f,s,m,acc,1,%,,,,,,,,,,src\nA-x,p,f,s,m,acc,2,%,,,,,,,,,,src\n",
+         "duplicate claim_id 'A-x'"),
+        (",".join(report.CLAIM_COLUMNS) + "\nA-x,p,f,s,m,acc,high,%,,,,,,,,,,src\n", "value 'high' of A-x is not a number"),
+        (",".join(report.CLAIM_COLUMNS) + "\n,p,f,s,m,acc,1,%,,,,,,,,,,src\n", "line 2: empty claim_id"),
+        (",".join(report.CLAIM_COLUMNS) + "\nA-x,p,f,s,a >= b,acc,,%,,,claim,noninferiority,,,,,,src\n",
+         "A-x: a noninferiority claim needs a margin"),
+        (",".join(report.CLAIM_COLUMNS) + "\nA-x,p,f,s,m,acc,1,%,,,,,,,,,A-y,src\n", "ratio_to 'A-y' of A-x"),
     ],
 )
 def test_bad_references_are_one_line_errors(results, capsys, content, match):
@@ -191,11 +220,13 @@ def test_real_references_give_one_row_per_claim(fake_repo):
     with open(dest, newline="") as fh:
         n = sum(1 for _ in csv.DictReader(fh))
     assert len(rep.claims) == n >= 12
-    assert all(c.verdict.verdict == verdicts.NOT_RUN for c in rep.claims)
+    assert all(c.verdict.verdict in (verdicts.NOT_RUN, verdicts.CONTEXT) for c in rep.claims)
     page = report.render("cpu", rep.entries, rep)
     assert all(f'id="claim-{c.claim_id}"' in page for c in rep.claims)
     text = report.text_summary(rep)
-    assert all(c.claim_id in text for c in rep.claims) and f"{n} claims: 0 reproduced qualitatively" in text
+    n_exp = len(rep.of("experiment"))
+    assert all(c.claim_id in text for c in rep.claims) and f"{n_exp} claims judged as experiments:" in text
+    assert f"  {n_exp:3d}  not run" in text and "7 consistency checks" in text and "2 cited context" in text
 
 
 def test_report_without_references_still_lists_notebooks(fake_repo):

@@ -43,8 +43,11 @@ window.addEventListener("load", function () {
                    .filter(function (n) { return n.indexOf("data:") !== 0; });
   var out = document.createElement("pre");
   out.id = "dpbench-probe";
+  var forest = document.querySelector("figure.forest img");
   out.textContent = JSON.stringify({images: imgs.length, broken: broken, fetched: fetched,
-                                    errors: window.__dpbenchErrors, title: document.title});
+                                    errors: window.__dpbenchErrors, title: document.title,
+                                    forest: forest ? [forest.naturalWidth, forest.naturalHeight] : null,
+                                    forestFirst: !!forest && imgs[0] === forest});
   document.body.appendChild(out);
 });
 </script>"""
@@ -93,12 +96,12 @@ def probe(page_html: str, tmp: Path, name: str) -> tuple[dict, list[str]]:
 
 @pytest.fixture
 def report_page(fake_repo):
-    """A report with figures, claims, failures and a failed attempt (see test_report)."""
-    from test_report import CLAIMS, row, write_claims, write_run
+    """A report with the forest plot, figures, claims, failures and a failed attempt (see test_report)."""
+    from test_report import CLAIMS, PAIRS, row, write_claims, write_run
 
     write_claims(fake_repo / "references" / "paper_values.csv")
     rows = []
-    for s, (a, b) in enumerate([(0.90, 0.80), (0.92, 0.81), (0.91, 0.83)]):
+    for s, (a, b) in enumerate(PAIRS):
         rows += [row("acc", a, "a", s, CLAIMS[0][0]), row("acc", b, "b", s, CLAIMS[0][0])]
     rows.append(row("acc", "", "c", 0, status="failed", reason="diverged"))
     base = fake_repo / "results" / "cpu"
@@ -109,8 +112,11 @@ def report_page(fake_repo):
 
 def test_report_renders_offline_without_errors(report_page, tmp_path):
     found, console = probe(report_page.read_text(), tmp_path, "report")
-    assert found["images"] == 3, found
+    assert found["images"] == 4, found  # the forest plot and three figures
     assert found["broken"] == [], found
+    # the forest plot decodes, is a real picture, and is the first image on the page
+    assert found["forest"] and found["forest"][0] >= 800 and found["forest"][1] >= 200, found
+    assert found["forestFirst"], found
     assert found["fetched"] == [], f"the report fetched external resources: {found['fetched']}"
     assert found["errors"] == [] and console == [], (found["errors"], console)
     assert found["title"] == "dpbench report: cpu"

@@ -3,16 +3,22 @@
 `write_report(profile)` reads `results/<profile>/<NB>/` (manifest.json, metrics.csv,
 figures/*.png), `results/<profile>/.failed/<NB>/` and `references/paper_values.csv`, and
 writes `results/<profile>/report.html`: one self-contained file (images embedded as base64,
-no scripts, no external resources) that opens offline. It holds
+no scripts, no external resources) that opens offline. It holds, in order,
 
-* a summary table with one row per claim of paper_values.csv: the paper's value and
-  setting, ours (mean and 95% CI across seeds) and our setting, and a verdict decided by
-  `dpbench.workbench.verdicts` from the metrics rows that carry the claim's `claim_id`;
+* a forest plot of every empirical claim (our effect with its 95% CI, the claimed side and
+  any margin marked, coloured by verdict, grouped by paper) and the tally: one line per
+  verdict, analogues, consistency checks and cited context counted apart;
+* the claims table: per claim the paper's value and setting in the paper's unit, ours (in
+  the paper's unit, or both as ratios to non-private training where units cannot match)
+  and our setting, and the verdict decided by `dpbench.workbench.verdicts` with its rule;
+* the consistency checks (closed-form numbers, accountant properties) in their own table,
+  and the numbers the papers cite from earlier work;
 * the verdict rules, written out;
 * one section per notebook: status, manifest summary (commit, device, duration), its
   claims, its figures, its failed rows and its last failed attempt with the error.
 
-Reading uses only the standard library (csv, json), so `dpbench report` is quick.
+Reading uses only the standard library (csv, json) plus numpy; matplotlib is imported only
+to draw the forest plot.
 """
 
 from __future__ import annotations
@@ -31,15 +37,30 @@ from dpbench.errors import UserError
 from dpbench.workbench.provenance import now_iso
 from dpbench.atomic import write_atomic
 
-CLAIM_COLUMNS = ["claim_id", "paper", "figure_or_table", "setting", "method", "metric", "value", "epsilon",
-                 "delta", "source"]
+CLAIM_COLUMNS = ["claim_id", "paper", "figure_or_table", "setting", "method", "metric", "value", "unit", "epsilon",
+                 "delta", "kind", "test", "margin", "margin_source", "setting_keys", "combine", "ratio_to", "source"]
 REFERENCES = Path("references") / "paper_values.csv"
 VERDICT_CLASS = {
     verdicts.REPRODUCED_QUALITATIVELY: "v-qual",
     verdicts.REPRODUCED_WITHIN_TOLERANCE: "v-tol",
-    verdicts.NOT_RESOLVED: "v-unres",
     verdicts.NOT_REPRODUCED: "v-no",
+    verdicts.LEANS_AGAINST: "v-lean",
+    verdicts.INCONCLUSIVE: "v-unres",
+    verdicts.NOT_COMPARABLE: "v-analogue",
     verdicts.NOT_RUN: "v-notrun",
+    verdicts.CONSISTENT: "v-tol",
+    verdicts.INCONSISTENT: "v-no",
+    verdicts.CONTEXT: "v-analogue",
+}
+# Forest-plot colours, one per verdict (the badges use lighter versions of the same hues).
+VERDICT_COLOUR = {
+    verdicts.REPRODUCED_QUALITATIVELY: "#2e7d32",
+    verdicts.REPRODUCED_WITHIN_TOLERANCE: "#1b5e20",
+    verdicts.NOT_REPRODUCED: "#c62828",
+    verdicts.LEANS_AGAINST: "#ef6c00",
+    verdicts.INCONCLUSIVE: "#f9a825",
+    verdicts.NOT_COMPARABLE: "#78909c",
+    verdicts.NOT_RUN: "#9e9e9e",
 }
 
 CSS = """
@@ -58,7 +79,10 @@ table.rows td, table.rows th { border-bottom: 1px solid #eee; padding: 2px 8px; 
 .ok { background: #2e7d32; } .failed { background: #c62828; } .missing { background: #757575; }
 .verdict { font-weight: bold; padding: 1px 6px; border-radius: 4px; white-space: nowrap; }
 .v-qual { background: #c8e6c9; } .v-tol { background: #a5d6a7; } .v-unres { background: #fff3c4; }
-.v-no { background: #ffcdd2; } .v-notrun { background: #e0e0e0; }
+.v-lean { background: #ffe0b2; } .v-no { background: #ffcdd2; } .v-notrun { background: #e0e0e0; }
+.v-analogue { background: #eceff1; }
+figure.forest img { max-width: 100%; }
+table.tally td { padding: 1px 10px 1px 0; } table.tally td.n { text-align: right; font-weight: bold; }
 figure { display: inline-block; margin: 0.5em 1em 0.5em 0; vertical-align: top; }
 figure img { max-width: 540px; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; }
@@ -94,15 +118,30 @@ class NotebookResult:
 
 @dataclass
 class ClaimResult:
-    """One summary row: the paper's claim, our verdict, the notebooks our rows came from."""
+    """One claim row: the paper's claim, our verdict, the notebooks our rows came from, and
+    (for a claim with `ratio_to`) both sides as ratios to the paper's own baseline row."""
 
     claim: dict[str, str]
     verdict: verdicts.Verdict
     notebooks: list[str]
+    ratio: str = ""
 
     @property
     def claim_id(self) -> str:
         return self.claim["claim_id"]
+
+    @property
+    def kind(self) -> str:
+        return (self.claim.get("kind") or "claim").strip() or "claim"
+
+    @property
+    def section(self) -> str:
+        """Where the claim is counted: experiment, analogue, check or context."""
+        if self.kind == "derived check":
+            return "check"
+        if self.kind == "cited context":
+            return "context"
+        return "analogue" if self.verdict.verdict == verdicts.NOT_COMPARABLE else "experiment"
 
 
 @dataclass
@@ -115,8 +154,27 @@ class Report:
     references: Path | None
     unknown_claims: dict[str, list[str]] = field(default_factory=dict)  # claim_id -> notebooks
 
+    def of(self, section: str) -> list[ClaimResult]:
+        return [c for c in self.claims if c.section == section]
+
     def counts(self) -> dict[str, int]:
-        return {v: sum(c.verdict.verdict == v for c in self.claims) for v in verdicts.VERDICTS}
+        """The tally of experiments: one count per empirical verdict (analogues, consistency
+        checks and cited context are counted apart, see `tally`)."""
+        exp = self.of("experiment")
+        return {v: sum(c.verdict.verdict == v for c in exp) for v in verdicts.EMPIRICAL_VERDICTS}
+
+    def tally(self) -> list[str]:
+        """The tally as lines: experiments one line per verdict, then the rest apart."""
+        exp, checks = self.of("experiment"), self.of("check")
+        lines = [f"{len(exp)} claims judged as experiments:"]
+        lines += [f"  {n:3d}  {v}" for v, n in self.counts().items()]
+        lines.append(f"{len(self.of('analogue'))} analogues: not comparable (small-scale stand-ins for a number "
+                     "measured in a setting we do not run; shown, outside the tally)")
+        c = {v: sum(x.verdict.verdict == v for x in checks) for v in verdicts.CHECK_VERDICTS}
+        lines.append(f"{len(checks)} consistency checks (closed forms, accountant properties; never counted as "
+                     f"reproductions): " + ", ".join(f"{n} {v}" for v, n in c.items()))
+        lines.append(f"{len(self.of('context'))} cited context (earlier results the papers cite; not judged)")
+        return lines
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -168,14 +226,23 @@ def load_claims(path: str | os.PathLike) -> list[dict[str, str]]:
         if cid in seen:
             raise UserError(f"{path} line {line}: duplicate claim_id {cid!r}; claim ids must be unique")
         seen.add(cid)
-        for col in ("value", "epsilon", "delta"):
+        for col in ("value", "epsilon", "delta", "margin"):
             text = (row.get(col) or "").strip()
             if text:
                 try:
                     float(text)
                 except ValueError:
                     raise UserError(f"{path} line {line}: {col} {text!r} of {cid} is not a number") from None
+        try:
+            verdicts.claim_spec(row)
+        except ValueError as exc:
+            raise UserError(f"{path} line {line}: {cid}: {exc}") from None
         row["claim_id"] = cid
+    ids = {r["claim_id"]: r for r in rows}
+    for line, row in enumerate(rows, start=2):
+        base = (row.get("ratio_to") or "").strip()
+        if base and (base not in ids or not (ids[base].get("value") or "").strip()):
+            raise UserError(f"{path} line {line}: ratio_to {base!r} of {row['claim_id']} is not a claim with a value")
     return rows
 
 
@@ -195,9 +262,27 @@ def judge_claims(claims: list[dict[str, str]], entries: list[NotebookResult]) ->
         nbs = sorted({nb for nb, _ in pairs})
         context = [r for nb in nbs for r in by_nb[nb]]
         out.append(ClaimResult(claim, verdicts.judge(claim, [r for _, r in pairs], context), nbs))
+    by_id = {c.claim_id: c for c in out}
+    for c in out:
+        c.ratio = _ratio_text(c, by_id.get((c.claim.get("ratio_to") or "").strip()))
     known = {c["claim_id"] for c in claims}
     unknown = {cid: sorted({nb for nb, _ in pairs}) for cid, pairs in sorted(tagged.items()) if cid not in known}
     return out, unknown
+
+
+def _ratio_text(c: ClaimResult, base: ClaimResult | None) -> str:
+    """Both sides as unitless ratios to the baseline claim (the paper's own table row, e.g.
+    non-DP time per epoch): the paper's from its two values, ours from the two estimates."""
+    if base is None:
+        return ""
+    try:
+        paper = float(c.claim["value"]) / float(base.claim["value"])
+    except (ValueError, ZeroDivisionError):
+        return ""
+    a, b = c.verdict.estimate, base.verdict.estimate
+    ours = (f"{verdicts.fmt(a.mean / b.mean)}x (ratio of our means)" if a is not None and b is not None and b.mean
+            else "not measured")
+    return f"as ratios to {base.claim_id}: paper {verdicts.fmt(paper)}x, ours {ours}"
 
 
 def build(profile: str, repo: str | os.PathLike | None = None, results: str | os.PathLike | None = None,
@@ -309,15 +394,28 @@ def render_notebook(r: NotebookResult, profile: str, claims: list[ClaimResult] =
 
 def _paper_cell(c: dict[str, str]) -> str:
     value = c.get("value", "").strip()
-    head = f"<b>{_e(value)}</b> {_e(c.get('metric'))}" if value else f"<b>{_e(c.get('method'))}</b> ({_e(c.get('metric'))})"
+    unit = c.get("unit", "").strip()
+    head = (f"<b>{_e(value)}</b> {_e(unit) + ' ' if unit else ''}<span class=\"small\">{_e(c.get('metric'))}</span>"
+            if value else f"<b>{_e(c.get('method'))}</b> ({_e(c.get('metric'))}{', ' + _e(unit) if unit else ''})")
     priv = []
     if c.get("epsilon", "").strip():
         priv.append(f"eps={c['epsilon'].strip()}")
     if c.get("delta", "").strip():
         priv.append(f"delta={c['delta'].strip()}")
     method = "" if not value else f"{_e(c.get('method'))}; "
+    judged = []
+    test = (c.get("test") or "").strip()
+    if test:
+        judged.append(f"test: {test}")
+    if (c.get("margin") or "").strip():
+        judged.append(f"margin {c['margin'].strip()} (source: {c.get('margin_source', '').strip()})")
+    if (c.get("setting_keys") or "").strip():
+        judged.append(f"judged at: {c['setting_keys'].strip()}")
+    if (c.get("combine") or "single").strip() not in ("", "single"):
+        judged.append(f"combine: {c['combine'].strip()}")
     return (f"{head}<br><span class=\"small\">{method}{_e(c.get('setting'))}"
-            f"{'; ' + _e(', '.join(priv)) if priv else ''}</span>")
+            f"{'; ' + _e(', '.join(priv)) if priv else ''}</span>"
+            + (f"<br><span class=\"small\"><i>{_e('; '.join(judged))}</i></span>" if judged else ""))
 
 
 def _ours_cell(cr: ClaimResult, profile: str) -> str:
@@ -325,8 +423,10 @@ def _ours_cell(cr: ClaimResult, profile: str) -> str:
     if not v.ours and not v.our_setting:
         return '<span class="small">-</span>'
     where = ", ".join(f'<a href="#{_e(nb)}">{_e(nb)}</a>' for nb in cr.notebooks)
-    return (f"{_e(v.ours)}<br><span class=\"small\">{_e(v.our_setting)}"
-            f"{' (' + where + ', profile ' + _e(profile) + ')' if where else ''}</span>")
+    ratio = f"<br><b>{_e(cr.ratio)}</b>" if cr.ratio else ""
+    refused = (f"<br><span class=\"small\">refused: {_e('; '.join(v.refused))}</span>" if v.refused else "")
+    return (f"{_e(v.ours)}{ratio}<br><span class=\"small\">{_e(v.our_setting)}"
+            f"{' (' + where + ', profile ' + _e(profile) + ')' if where else ''}</span>{refused}")
 
 
 def _paper_group(c: dict[str, str]) -> str:
@@ -335,55 +435,199 @@ def _paper_group(c: dict[str, str]) -> str:
     return cid.split("-", 1)[0] if "-" in cid else c.get("paper", "")
 
 
-def render_summary(rep: Report) -> str:
-    """The summary table: one row per claim, grouped by paper."""
-    if rep.references is None:
-        return ('<section id="summary"><h2>Summary: our numbers beside the papers\'</h2>'
-                f"<p>No {_e(REFERENCES)} in this checkout: no claims to compare.</p></section>")
-    counts = rep.counts()
-    count_text = ", ".join(f"{_badge(v)} {n}" for v, n in counts.items())
-    rows = []
-    group = None
-    for cr in rep.claims:
+def _claim_rows(rep: Report, items: list[ClaimResult]) -> str:
+    rows, group = [], None
+    for cr in items:
         c = cr.claim
         g = _paper_group(c)
         if g != group:
             group = g
-            papers = sorted({x.claim.get("paper", "") for x in rep.claims if _paper_group(x.claim) == g})
+            papers = sorted({x.claim.get("paper", "") for x in items if _paper_group(x.claim) == g})
             rows.append(f'<tr class="paper"><th colspan="4">{_e(" / ".join(papers))}</th></tr>')
         rows.append(
             f'<tr id="claim-{_e(cr.claim_id)}"><td><code>{_e(cr.claim_id)}</code><br>'
-            f'<span class="small">{_e(c.get("figure_or_table"))}; source: {_e(c.get("source"))}</span></td>'
+            f'<span class="small">{_e(cr.kind)}; {_e(c.get("figure_or_table"))}; source: {_e(c.get("source"))}</span></td>'
             f"<td>{_paper_cell(c)}</td><td>{_ours_cell(cr, rep.profile)}</td>"
             f"<td>{_badge(cr.verdict.verdict)}<br><span class=\"small\">{_e(cr.verdict.rule)}</span></td></tr>"
         )
+    return "".join(rows)
+
+
+def _table(rep: Report, items: list[ClaimResult], ours: str = "ours (value, setting)") -> str:
+    return ('<table class="claims"><tr><th>claim</th><th>paper (value in its unit, setting, how judged)</th>'
+            f"<th>{_e(ours)}</th><th>verdict and the rule that decided it</th></tr>{_claim_rows(rep, items)}</table>")
+
+
+def render_tally(rep: Report) -> str:
+    """The tally: one line per verdict of the experiments; the rest counted apart."""
+    counts = rep.counts()
+    exp = rep.of("experiment")
+    body = "".join(f"<tr><td class=\"n\">{n}</td><td>{_badge(v)}</td></tr>" for v, n in counts.items())
+    checks = rep.of("check")
+    cc = ", ".join(f"{sum(x.verdict.verdict == v for x in checks)} {v}" for v in verdicts.CHECK_VERDICTS)
+    return (f'<p id="tally"><b>{len(exp)} claims judged as experiments</b> (from <code>{_e(REFERENCES)}</code>):</p>'
+            f'<table class="tally">{body}</table>'
+            f"<p>Counted apart: <b>{len(rep.of('analogue'))}</b> analogues ({_badge(verdicts.NOT_COMPARABLE)}: "
+            "small-scale stand-ins for numbers measured in settings we do not run); "
+            f"<b>{len(checks)}</b> <a href=\"#checks\">consistency checks</a> ({_e(cc)}; they test our code against "
+            "closed forms, never count as reproductions); "
+            f"<b>{len(rep.of('context'))}</b> <a href=\"#context\">cited context</a> rows (earlier results the "
+            "papers cite).</p>")
+
+
+def render_summary(rep: Report) -> str:
+    """The claims table (experiments and analogues), the consistency checks and the cited context."""
+    if rep.references is None:
+        return ('<section id="summary"><h2>Summary: our numbers beside the papers\'</h2>'
+                f"<p>No {_e(REFERENCES)} in this checkout: no claims to compare.</p></section>")
     unknown = ""
     if rep.unknown_claims:
         items = "".join(f"<li><code>{_e(cid)}</code> in {_e(', '.join(nbs))}</li>" for cid, nbs in rep.unknown_claims.items())
         unknown = (f"<p>Rows tagged with claim ids that {_e(REFERENCES)} does not have (not judged):</p>"
                    f"<ul>{items}</ul>")
+    claims = [c for c in rep.claims if c.section in ("experiment", "analogue")]
+    checks, context = rep.of("check"), rep.of("context")
     return (
         '<section id="summary"><h2>Summary: our numbers beside the papers\'</h2>'
-        f"<p>{len(rep.claims)} claims from <code>{_e(REFERENCES)}</code>: {count_text}. "
-        'Ours come from this profile\'s metrics rows carrying the claim\'s <code>claim_id</code>; '
-        'see <a href="#rules">how verdicts are decided</a>. A paper value is never replaced by ours: the two '
-        "columns are different settings unless the rule says <i>value</i>.</p>"
-        '<table class="claims"><tr><th>claim</th><th>paper (value, setting)</th><th>ours (value, setting)</th>'
-        f"<th>verdict and the rule that decided it</th></tr>{''.join(rows)}</table>{unknown}</section>"
+        "<p>Ours come from this profile's metrics rows carrying the claim's <code>claim_id</code>, in the claim's "
+        'setting only; see <a href="#rules">how verdicts are decided</a>. A paper value is never replaced by ours: '
+        "the two columns are different settings unless the verdict says otherwise. The estimand is the expected "
+        "paired difference over training randomness (seeds) on the fixed test set.</p>"
+        + _table(rep, claims) + unknown + "</section>"
+        + '<section id="checks"><h2>Consistency checks</h2><p>Closed-form quantities and mathematical properties '
+          "(noise multipliers from the authors' accountant, monotonicity of the accountant). They check that our code "
+          "computes what the paper's formulas say; they are not experiments and never count as reproductions.</p>"
+        + (_table(rep, checks) if checks else "<p>None.</p>") + "</section>"
+        + '<section id="context"><h2>Cited context</h2><p>Numbers the papers cite from earlier work: shown for '
+          "context, never judged.</p>" + (_table(rep, context) if context else "<p>None.</p>") + "</section>"
     )
 
 
 def render_rules() -> str:
     """The verdict rules, as text (they are the rules dpbench.workbench.verdicts applies)."""
-    items = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in verdicts.RULES.items())
-    names = "".join(f"<li>{_badge(v)}</li>" for v in verdicts.VERDICTS)
+    items = "".join(f"<dt>{_badge(k) if k in VERDICT_CLASS else _e(k)}</dt><dd>{_e(v)}</dd>"
+                    for k, v in verdicts.RULES.items())
     return (
         '<section id="rules"><h2>How verdicts are decided</h2>'
-        f"<p>Verdicts:</p><ul>{names}</ul>"
-        "<p>A difference between arms counts only when it exceeds its 95% confidence interval across seeds; "
-        "otherwise the verdict is <i>not resolved at this scale</i>. The rules:</p>"
+        f"<p>An empirical verdict needs at least {verdicts.MIN_SEEDS} paired seeds, a nonzero spread, and a 95% t "
+        "interval and an exact sign-flip test that agree. The rules:</p>"
         f'<dl class="rules">{items}</dl></section>'
     )
+
+
+def forest_claims(rep: Report) -> list[ClaimResult]:
+    """The claims the forest plot shows: every empirical claim (kind claim, not an analogue)
+    with a test of direction or bound, plus value claims that were judged."""
+    out = []
+    for c in rep.of("experiment"):
+        test = (c.claim.get("test") or "").strip()
+        if test in ("superiority", "noninferiority", "at_most", "at_least") or c.verdict.effect is not None:
+            out.append(c)
+    return out
+
+
+def forest_plot(rep: Report) -> bytes | None:
+    """A PNG: one row per empirical claim, grouped by paper; our claimed difference (positive =
+    the claimed side) with its 95% CI, coloured by verdict; the claimed side shaded, 0 drawn,
+    a noninferiority margin dashed; each row on its own scale (units differ between claims)."""
+    items = forest_claims(rep)
+    if not items:
+        return None
+    import io
+
+    import matplotlib.style
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    from dpbench.workbench.results import STYLE_FILE
+
+    layout = []  # ("head", paper) or ("claim", ClaimResult)
+    group = None
+    for c in items:
+        g = _paper_group(c.claim)
+        if g != group:
+            group = g
+            papers = list(dict.fromkeys(x.claim.get("paper", g) for x in items if _paper_group(x.claim) == g))
+            layout.append(("head", " / ".join(papers)))
+        layout.append(("claim", c))
+    with matplotlib.style.context(str(STYLE_FILE)):
+        height = 0.42 * len(layout) + 1.3
+        fig = Figure(figsize=(11, height))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(len(layout), 1, squeeze=False)[:, 0]
+        # margins in inches (legend above, the last row's tick labels below), whatever the number of rows
+        fig.subplots_adjust(left=0.30, right=0.70, top=1 - 0.75 / height, bottom=0.35 / height, hspace=0.9)
+        for ax, (what, item) in zip(axes, layout):
+            ax.set_yticks([])
+            ax.grid(False)
+            for side in ("left", "right", "top"):
+                ax.spines[side].set_visible(False)
+            if what == "head":
+                ax.axis("off")
+                ax.text(-0.43, 0.2, str(item), transform=ax.transAxes, fontsize=8.5, fontweight="bold", ha="left")
+                continue
+            v = item.verdict
+            colour = VERDICT_COLOUR.get(v.verdict, "#9e9e9e")
+            ax.text(-0.02, 0.5, item.claim_id, transform=ax.transAxes, ha="right", va="center", fontsize=7.5)
+            ax.text(1.02, 0.5, f"{v.verdict}" + (f"  [{item.claim.get('unit', '')}]" if item.claim.get("unit") else ""),
+                    transform=ax.transAxes, ha="left", va="center", fontsize=7, color=colour)
+            ax.tick_params(axis="x", labelsize=6, length=2, pad=1)
+            if v.effect is None:
+                ax.set_xlim(-1, 1)
+                ax.set_xticks([])
+                ax.spines["bottom"].set_visible(False)
+                ax.text(0.5, 0.5, v.verdict if v.verdict == verdicts.NOT_RUN else "no estimate", transform=ax.transAxes,
+                        ha="center", va="center", fontsize=7, color="#757575")
+                continue
+            lo = v.low if v.low is not None else v.effect
+            hi = v.high if v.high is not None else v.effect
+            if v.band is not None:  # a value claim: the tolerance band around the paper's value
+                pts = [lo, hi, v.effect, *v.band]
+                ax.axvspan(v.band[0], v.band[1], color="#c8e6c9", alpha=0.7, lw=0)
+                ax.axvline(sum(v.band) / 2, color="#424242", lw=0.8)
+            else:
+                pts = [lo, hi, v.effect, 0.0, v.boundary]
+                span = max(pts) - min(pts) or abs(v.effect) or 1.0
+                ax.axvspan(v.boundary, max(pts) + span, color="#c8e6c9", alpha=0.6, lw=0)  # the claimed side
+                ax.axvline(0.0, color="#424242", lw=0.8)
+                if v.boundary:
+                    ax.axvline(v.boundary, color="#424242", lw=0.8, ls="--")
+            span = (max(pts) - min(pts)) or abs(v.effect) or 1.0
+            ax.set_xlim(min(pts) - 0.15 * span, max(pts) + 0.15 * span)
+            ax.set_ylim(-1, 1)
+            ax.plot([lo, hi], [0, 0], color=colour, lw=2.2, solid_capstyle="butt")
+            ax.plot([v.effect], [0], "o", color=colour, ms=5)
+        legend = [Patch(color=c, label=k) for k, c in VERDICT_COLOUR.items()
+                  if k not in (verdicts.NOT_COMPARABLE,)]
+        legend.append(Patch(color="#c8e6c9", label="claimed side / tolerance band"))
+        fig.legend(handles=legend, loc="upper center", ncol=4, fontsize=7, frameon=False)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def render_forest(rep: Report) -> str:
+    """The picture that opens the report, and the tally beside it."""
+    if rep.references is None:
+        return ""
+    try:
+        png = forest_plot(rep)
+    except Exception as exc:  # a report without its picture is still a report: say why
+        png, why = None, f"the forest plot could not be drawn: {type(exc).__name__}: {exc}"
+    else:
+        why = "no empirical claims to draw"
+    if png:
+        data = base64.b64encode(png).decode("ascii")
+        pic = (f'<figure class="forest"><img alt="forest plot of the empirical claims" '
+               f'src="data:image/png;base64,{data}"><figcaption>Each row is one empirical claim: our claimed '
+               "difference (positive = the side the paper claims; for a bound, the bound minus ours or ours minus "
+               "the bound) with its 95% CI over seeds, on its own scale. Shaded: the claimed side (or the tolerance "
+               "band of a value claim); solid line: 0; dashed: the noninferiority margin. Colour: the verdict."
+               "</figcaption></figure>")
+    else:
+        pic = f"<p>{_e(why)}.</p>"
+    return f'<section id="forest"><h2>Where the project stands</h2>{pic}{render_tally(rep)}</section>'
 
 
 def render(profile: str, entries: list[NotebookResult], rep: Report | None = None) -> str:
@@ -393,12 +637,18 @@ def render(profile: str, entries: list[NotebookResult], rep: Report | None = Non
     toc = "".join(f'<li><a href="#{html.escape(e.notebook)}">{html.escape(e.notebook)}</a> '
                   f'<span class="status {e.status}">{e.status}</span></li>' for e in entries)
     summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+    forest = render_forest(rep)
+    links = ('<li><a href="#forest">forest plot and tally</a></li>' if forest else "") + \
+        '<li><a href="#summary">claims</a></li>' + \
+        ('<li><a href="#checks">consistency checks</a></li><li><a href="#context">cited context</a></li>'
+         if rep.references is not None else "")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>dpbench report: {html.escape(profile)}</title><style>{CSS}</style></head><body>"
         f"<h1>dpbench report: profile <code>{html.escape(profile)}</code></h1>"
         f"<p>Generated {html.escape(now_iso())}. Notebooks: {summary}.</p>"
-        f'<ul><li><a href="#summary">summary of claims</a></li><li><a href="#rules">verdict rules</a></li>{toc}</ul>'
+        + forest
+        + f'<ul>{links}<li><a href="#rules">verdict rules</a></li>{toc}</ul>'
         + render_summary(rep)
         + render_rules()
         + "\n".join(render_notebook(e, profile, rep.claims) for e in entries)
@@ -415,6 +665,10 @@ def _clip(text: str, width: int) -> str:
 
 
 def _short_ours(v: verdicts.Verdict) -> str:
+    if v.effect is not None and v.band is None:
+        ci = f" [{verdicts.fmt(v.low)}, {verdicts.fmt(v.high)}]" if v.low is not None else ""
+        n = v.estimate.n if v.estimate is not None else 0
+        return f"{verdicts.fmt(v.effect)}{ci} (n={n})"
     est = v.estimate
     if est is None:
         return v.ours or "-"
@@ -426,19 +680,26 @@ def _short_ours(v: verdicts.Verdict) -> str:
 
 
 def text_summary(rep: Report) -> str:
-    """The summary table as plain text, for the terminal (`dpbench report --summary`)."""
+    """The summary table and the tally as plain text, for the terminal (`dpbench report
+    --summary`, which `make reproduce` prints)."""
     if rep.references is None:
         return f"no {REFERENCES}: no claims to compare"
     w_id = max([len("claim"), *(len(c.claim_id) for c in rep.claims)])
-    lines = [f"{'claim':<{w_id}}  {'paper':<24}  {'ours':<30}  verdict", "-" * (w_id + 90)]
-    for cr in rep.claims:
-        c = cr.claim
-        paper = c.get("value", "").strip() or c.get("method", "")
-        lines.append(f"{cr.claim_id:<{w_id}}  {_clip(paper, 24):<24}  {_clip(_short_ours(cr.verdict), 30):<30}  "
-                     f"{cr.verdict.verdict}")
-    counts = ", ".join(f"{n} {v}" for v, n in rep.counts().items())
-    lines.append("-" * (w_id + 90))
-    lines.append(f"{len(rep.claims)} claims: {counts}")
+    lines = [f"{'claim':<{w_id}}  {'paper':<24}  {'ours':<34}  verdict", "-" * (w_id + 94)]
+    for section, title in (("experiment", "experiments"), ("analogue", "analogues (not comparable)"),
+                           ("check", "consistency checks"), ("context", "cited context")):
+        items = rep.of(section)
+        if not items:
+            continue
+        lines.append(f"[{title}]")
+        for cr in items:
+            c = cr.claim
+            paper = (f"{c.get('value', '').strip()} {c.get('unit', '').strip()}".strip()
+                     if c.get("value", "").strip() else c.get("method", ""))
+            lines.append(f"{cr.claim_id:<{w_id}}  {_clip(paper, 24):<24}  {_clip(_short_ours(cr.verdict), 34):<34}  "
+                         f"{cr.verdict.verdict}")
+    lines.append("-" * (w_id + 94))
+    lines += rep.tally()
     if rep.unknown_claims:
         lines.append("claim ids in metrics but not in paper_values.csv: " + ", ".join(rep.unknown_claims))
     return "\n".join(lines)
