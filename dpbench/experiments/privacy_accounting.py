@@ -8,7 +8,7 @@ metrics share them; the plot functions only draw those rows. Accountants are nam
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from dpbench.privacy import accounting as acct
 from dpbench.privacy.accounting import steps_for_epochs
@@ -69,7 +69,7 @@ def noise_vs_sample_rate(
     progress: bool = True,
 ) -> list[dict]:
     """Noise multiplier needed for each target epsilon at a fixed number of epochs
-    (steps = ceil(epochs / q)), as a function of the sampling rate q."""
+    (steps = `steps_for_epochs(epochs, q)`), as a function of the sampling rate q."""
     rows = []
     jobs = [(e, q, a) for e in target_epsilons for q in sample_rates for a in accountants]
     for eps, q, accountant in _progress(jobs, "noise vs sample rate", progress):
@@ -91,7 +91,7 @@ def noise_level_vs_batch_size(
     progress: bool = True,
 ) -> list[dict]:
     """Noise level sigma(B)^2 / B against the expected batch size B = q n at fixed epsilon
-    and epochs (steps = ceil(epochs n / B)), as in Bu et al. 2024 (PAPERS.md A, figure 3).
+    and epochs (steps = `steps_for_epochs(epochs, B / n)`), as in Bu et al. 2024 (PAPERS.md A, figure 3).
 
     sigma(B)^2 / B is the variance of the noise in the averaged gradient in units of C^2 B.
     """
@@ -154,54 +154,52 @@ def _by(rows: list[dict], *keys: str) -> dict:
     return groups
 
 
-def plot_epsilon_vs_steps(rows: list[dict]):
-    """Figure 1: epsilon against steps, one colour per sigma, one line style per accountant."""
+def _lines(rows: list[dict], key: str, x: str, y: str, label: Callable[[str, Any], str], **style):
+    """A log-log figure with one line per (accountant, rows[key]): colour by `key`, line
+    style by accountant; points with x <= 0 are left out (log axis)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    sigmas = sorted({r["noise_multiplier"] for r in rows})
-    colors = {s: f"C{i}" for i, s in enumerate(sigmas)}
-    for (accountant, sigma), grp in _by(rows, "accountant", "noise_multiplier").items():
-        grp = sorted((g for g in grp if g["steps"] > 0), key=lambda g: g["steps"])
-        ax.plot([g["steps"] for g in grp], [g["epsilon"] for g in grp], LINESTYLES.get(accountant, "-"),
-                color=colors[sigma], label=f"{LABELS.get(accountant, accountant)}, $\\sigma$={sigma:g}")
-    q = rows[0]["sample_rate"] if rows else float("nan")
-    ax.set(xscale="log", yscale="log", xlabel="steps", ylabel="epsilon",
-           title=f"DP-SGD epsilon vs steps (q={q:g}, delta={rows[0]['delta']:g})" if rows else "")
-    ax.legend(fontsize="small", ncol=2)
+    colors = {v: f"C{i}" for i, v in enumerate(sorted({r[key] for r in rows}))}
+    for (accountant, value), grp in _by(rows, "accountant", key).items():
+        grp = sorted((g for g in grp if g[x] > 0), key=lambda g: g[x])
+        ax.plot([g[x] for g in grp], [g[y] for g in grp], LINESTYLES.get(accountant, "-"), color=colors[value],
+                label=label(accountant, value), **style)
+    ax.set(xscale="log", yscale="log")
+    return fig, ax
+
+
+def _finish(fig, ax, **legend):
+    ax.legend(fontsize="small", **legend)
     fig.tight_layout()
     return fig
+
+
+def plot_epsilon_vs_steps(rows: list[dict]):
+    """Figure 1: epsilon against steps, one colour per sigma, one line style per accountant."""
+    fig, ax = _lines(rows, "noise_multiplier", "steps", "epsilon",
+                     lambda a, s: f"{LABELS.get(a, a)}, $\\sigma$={s:g}")
+    q = rows[0]["sample_rate"] if rows else float("nan")
+    ax.set(xlabel="steps", ylabel="epsilon",
+           title=f"DP-SGD epsilon vs steps (q={q:g}, delta={rows[0]['delta']:g})" if rows else "")
+    return _finish(fig, ax, ncol=2)
 
 
 def plot_noise_vs_sample_rate(rows: list[dict]):
     """Figure 2: noise multiplier needed against the sampling rate, per epsilon and accountant."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    epsilons = sorted({r["target_epsilon"] for r in rows})
-    colors = {e: f"C{i}" for i, e in enumerate(epsilons)}
-    for (accountant, eps), grp in _by(rows, "accountant", "target_epsilon").items():
-        grp = sorted(grp, key=lambda g: g["sample_rate"])
-        ax.plot([g["sample_rate"] for g in grp], [g["noise_multiplier"] for g in grp], LINESTYLES.get(accountant, "-"),
-                marker=".", color=colors[eps], label=f"{LABELS.get(accountant, accountant)}, $\\varepsilon$={eps:g}")
+    fig, ax = _lines(rows, "target_epsilon", "sample_rate", "noise_multiplier",
+                     lambda a, e: f"{LABELS.get(a, a)}, $\\varepsilon$={e:g}", marker=".")
     epochs = rows[0]["epochs"] if rows else float("nan")
-    ax.set(xscale="log", yscale="log", xlabel="sampling rate q", ylabel="noise multiplier $\\sigma$",
+    ax.set(xlabel="sampling rate q", ylabel="noise multiplier $\\sigma$",
            title=f"Noise needed at {epochs:g} epochs (delta={rows[0]['delta']:g})" if rows else "")
-    ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, ncol=2)
 
 
 def plot_noise_level_vs_batch_size(rows: list[dict], reference_accountant: str = "rdp"):
     """Figure 3: sigma(B)^2 / B against B per accountant, with an O(1/B) reference line
     anchored at the smallest batch of `reference_accountant`."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, ((accountant,), grp) in enumerate(_by(rows, "accountant").items()):
-        grp = sorted(grp, key=lambda g: g["batch_size"])
-        ax.plot([g["batch_size"] for g in grp], [g["noise_level"] for g in grp], LINESTYLES.get(accountant, "-"),
-                marker="o", ms=3, color=f"C{i}", label=LABELS.get(accountant, accountant))
+    fig, ax = _lines(rows, "accountant", "batch_size", "noise_level", lambda a, _: LABELS.get(a, a),
+                     marker="o", ms=3)
     ref_rows = sorted((r for r in rows if r["accountant"] == reference_accountant), key=lambda g: g["batch_size"])
     if ref_rows:
         bs = [r["batch_size"] for r in ref_rows]
@@ -210,7 +208,5 @@ def plot_noise_level_vs_batch_size(rows: list[dict], reference_accountant: str =
     if rows:
         r0 = rows[0]
         ax.set_title(f"Noise level at $\\varepsilon$={r0['target_epsilon']:g}, {r0['epochs']:g} epochs, n={r0['n']}")
-    ax.set(xscale="log", yscale="log", xlabel="expected batch size B", ylabel="$\\sigma(B)^2 / B$")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
+    ax.set(xlabel="expected batch size B", ylabel="$\\sigma(B)^2 / B$")
+    return _finish(fig, ax)

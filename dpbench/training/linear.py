@@ -154,8 +154,12 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     return g
 
 
-def _prepare(x, y, num_classes, clip_norm, device, dtype):
-    """Validate inputs, move them to `device`/`dtype` and clip the features."""
+def _prepare(x, y, num_classes, clip_norm, device, dtype, *, conversion, delta, steps=None):
+    """Validate the settings every solver shares (conversion, steps, delta < 1/n) and the
+    data, move the data to `device`/`dtype` and clip the features."""
+    _check_conversion(conversion)
+    if steps is not None and int(steps) < 1:
+        raise UserError(f"steps must be >= 1, got {steps!r}")
     x = torch.as_tensor(x)
     y = torch.as_tensor(y)
     if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
@@ -165,9 +169,21 @@ def _prepare(x, y, num_classes, clip_norm, device, dtype):
     num_classes = int(num_classes if num_classes is not None else int(y.max()) + 1)
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise UserError(f"labels must lie in [0, {num_classes}); got range [{int(y.min())}, {int(y.max())}]")
+    accounting.check_delta(delta, x.shape[0])
     device = torch.device(device) if device is not None else x.device
     x = clip_features(x.to(device=device, dtype=dtype), clip_norm)
     return x, y.to(device).long(), num_classes, device
+
+
+def _gaussian(shape, std: float, gen: torch.Generator, device) -> torch.Tensor:
+    """Gaussian noise N(0, std^2) of `shape` in the d x d algebra's precision."""
+    return torch.randn(shape, generator=gen, device=device, dtype=MAT) * std
+
+
+def _start_weights(num_classes: int, d: int, bias: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero weights (L, d) and a fixed bias (L,), in the d x d algebra's precision."""
+    return (torch.zeros(num_classes, d, dtype=MAT, device=device),
+            torch.full((num_classes,), float(bias), dtype=MAT, device=device))
 
 
 # -------------------------------------------------------------------------- accounting
@@ -288,13 +304,6 @@ def _non_private(method, w, b, clip_norm, delta, conversion, info):
     return LinearResult(method, w, b, clip_norm, math.inf, delta, conversion, {}, {}, {}, None, dict(info))
 
 
-def _check_delta(delta: float, n: int) -> None:
-    if not (0 < delta < 1):
-        raise UserError(f"delta must be in (0, 1), got {delta!r}")
-    if delta >= 1.0 / n:
-        raise UserError(f"delta={delta:g} must be < 1/n = {1.0 / n:.3g}; choose a smaller delta")
-
-
 def noise_ridge(lam_noise: float, d: int, noise_std: float) -> float:
     """Ridge that dominates the noise on a d x d matrix: lam_noise * 2 sqrt(d) * std
     (2 sqrt(d) std is the spectral norm of a large Gaussian Wigner matrix)."""
@@ -330,10 +339,9 @@ def dp_least_squares(
     (G, {A_l}, {b_l}); equal weights = one noise multiplier s for all three, as in the paper.
     `epsilon=None` gives the exact non-private solution.
     """
-    _check_conversion(conversion)
-    x, y, num_classes, device = _prepare(x, y, num_classes, clip_norm, device, dtype)
+    x, y, num_classes, device = _prepare(x, y, num_classes, clip_norm, device, dtype, conversion=conversion,
+                                         delta=delta)
     n, d = x.shape
-    _check_delta(delta, n)
     yy = one_hot(y, num_classes, dtype)
     gram = (x.T @ x).to(MAT)
     per_class = torch.stack([x[y == cls].T @ x[y == cls] for cls in range(num_classes)]).to(MAT)
@@ -354,7 +362,7 @@ def dp_least_squares(
     per_class_n = project_psd(
         per_class + symmetric_gaussian_noise(d, s_a * c2, gen, device=device, dtype=MAT, batch=(num_classes,))
     )
-    sums_n = sums + torch.randn(sums.shape, generator=gen, device=device, dtype=MAT) * (s_b * clip_norm)
+    sums_n = sums + _gaussian(sums.shape, s_b * clip_norm, gen, device)
     # The ridge sees the noise of A_l plus alpha times that of G (their spectra add at most).
     ridge = lam + noise_ridge(lam_noise, d, s_a * c2 + alpha * s_g * c2)
     a = per_class_n + alpha * gram_n + ridge * torch.eye(d, dtype=MAT, device=device)
@@ -402,16 +410,12 @@ def dp_newton(
     (joint sensitivity sqrt(L) C), then w_l <- w_l - lr (H_l + ridge I)^-1 (g_l + lam w_l).
     2T releases with one noise multiplier. `epsilon=None`: exact regularised Newton.
     """
-    _check_conversion(conversion)
-    if int(steps) < 1:
-        raise UserError(f"steps must be >= 1, got {steps!r}")
-    x, y, num_classes, device = _prepare(x, y, num_classes, clip_norm, device, dtype)
+    x, y, num_classes, device = _prepare(x, y, num_classes, clip_norm, device, dtype, conversion=conversion,
+                                         delta=delta, steps=steps)
     n, d = x.shape
-    _check_delta(delta, n)
     yy = one_hot(y, num_classes, dtype)
     eye = torch.eye(d, dtype=MAT, device=device)
-    w = torch.zeros(num_classes, d, dtype=MAT, device=device)
-    b = torch.full((num_classes,), float(bias), dtype=MAT, device=device)
+    w, b = _start_weights(num_classes, d, bias, device)
     private = epsilon is not None
     info = dict(steps=steps, lr=lr, lam=lam, lam_noise=lam_noise, bias=bias, d=d, num_classes=num_classes)
     root_l = math.sqrt(num_classes)
@@ -429,7 +433,7 @@ def dp_newton(
         if private:
             hess = project_psd(hess + symmetric_gaussian_noise(d, h_std, gen, device=device, dtype=MAT,
                                                                batch=(num_classes,)))
-            grad = grad + torch.randn(grad.shape, generator=gen, device=device, dtype=MAT) * g_std
+            grad = grad + _gaussian(grad.shape, g_std, gen, device)
         step = torch.linalg.solve(hess + ridge * eye, (grad + lam * w).unsqueeze(-1)).squeeze(-1)
         w = w - lr * step
     info["ridge"] = ridge
@@ -489,12 +493,9 @@ def dp_fc(
     multiplier for all T+1 releases. `grad_clip` defaults to `clip_norm`.
     `epsilon=None`: the same iteration without noise (gradients still clipped).
     """
-    _check_conversion(conversion)
-    if int(steps) < 1:
-        raise UserError(f"steps must be >= 1, got {steps!r}")
-    x, y, num_classes, device = _prepare(x, y, num_classes, clip_norm, device, dtype)
+    x, y, num_classes, device = _prepare(x, y, num_classes, clip_norm, device, dtype, conversion=conversion,
+                                         delta=delta, steps=steps)
     n, d = x.shape
-    _check_delta(delta, n)
     grad_clip = clip_norm if grad_clip is None else float(grad_clip)
     frac = 1.0 / (int(steps) + 1) if cov_fraction is None else float(cov_fraction)
     if not 0 < frac < 1:
@@ -514,13 +515,12 @@ def dp_fc(
     else:
         ridge = lam
     precond = cov + ridge * torch.eye(d, dtype=MAT, device=device)
-    w = torch.zeros(num_classes, d, dtype=MAT, device=device)
-    b = torch.full((num_classes,), float(bias), dtype=MAT, device=device)
+    w, b = _start_weights(num_classes, d, bias, device)
     for _ in range(int(steps)):
         _, resid, _ = _ova_stats(x, w.to(dtype), b.to(dtype), yy)
         g = clipped_gradient_sum(x, resid, grad_clip)[0].to(MAT)
         if private:
-            g = g + torch.randn(g.shape, generator=gen, device=device, dtype=MAT) * (s_grad * grad_clip)
+            g = g + _gaussian(g.shape, s_grad * grad_clip, gen, device)
         step = conjugate_gradient(lambda v: precond @ v, g.T, tol=cg_tol)
         w = w - lr * step.T
     info["ridge"] = ridge
@@ -568,16 +568,15 @@ def dp_sgd_logistic(
     "classic" only for full batch (then the steps are plain Gaussian releases).
     `epsilon=None`: the same loop with no clipping and no noise.
     """
-    _check_conversion(conversion)
     if optimizer not in ("sgd", "adam"):
         raise UserError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     if loss not in ("softmax", "ova"):
         raise UserError(f"loss must be 'softmax' or 'ova', got {loss!r}")
     if init not in ("zero", "random"):
         raise UserError(f"init must be 'zero' or 'random', got {init!r}")
-    x, y, num_classes, device = _prepare(x, y, num_classes, clip_norm, device, dtype)
+    x, y, num_classes, device = _prepare(x, y, num_classes, clip_norm, device, dtype, conversion=conversion,
+                                         delta=delta)
     n, d = x.shape
-    _check_delta(delta, n)
     bs = n if batch_size is None else int(batch_size)
     if not 1 <= bs <= n:
         raise UserError(f"batch_size must be in [1, n={n}], got {batch_size!r}")
