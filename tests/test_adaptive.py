@@ -14,10 +14,12 @@ import torch.nn as nn
 from dpbench.privacy import accounting
 from dpbench.clipping import ClippingEngine
 from dpbench.clipping.adaptive import (
-    AdaptiveClipping, adaptive_noise, centered_count, fit_adaptive, noisy_fractions, renormalize,
-    separate_events_epsilon, threshold_update,
+    AdaptiveClipping, adaptive_noise, centered_count, noisy_fractions, renormalize, separate_events_epsilon,
+    threshold_update,
 )
 from dpbench.errors import UserError
+from dpbench.training.adaptive import fit_adaptive
+from dpbench.training.loop import BatchSpec, ClipSpec, EvalSpec, PlannedStep, PrivacySpec, StepPlan, fit
 
 
 class StubEngine:
@@ -149,12 +151,46 @@ def test_optimizer_with_the_full_sigma_is_refused():
     x, y = torch.randn(50, 4), torch.randint(0, 2, (50,))
     engine = ClippingEngine(model, style="layer")
     ad = AdaptiveClipping(engine, noise_multiplier=1.0, expected_batch_size=10, seed=0)
-    from dpbench.training.loop import fit
-
     with pytest.raises(UserError, match="gradient_noise_multiplier"):
-        fit(model, (x, y), engine=engine, noise_multiplier=1.0, steps=2, sample_rate=0.2, callbacks=[ad],
-            progress=False, track_epsilon=False)
+        fit(model, (x, y), batching=BatchSpec(steps=2, sample_rate=0.2),
+            privacy=PrivacySpec(noise_multiplier=1.0, track_epsilon=False), clipping=ClipSpec(engine=engine),
+            evaluation=EvalSpec(progress=False), hooks=[ad])
     engine.remove()
+
+
+def test_the_clipping_layer_imports_no_training_code():
+    import ast
+    import inspect
+
+    import dpbench.clipping.adaptive as mod
+
+    tree = ast.parse(inspect.getsource(mod))
+    names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in names if "training" in m or "workbench" in m or "experiments" in m]
+
+
+class _PublicThenPrivate(StepPlan):
+    def __init__(self, xy):
+        self.xy, self.steps, self.private_steps = xy, 4, 2
+
+    def iter_steps(self, model, optimizer):
+        for t in range(4):
+            yield PlannedStep(private=False, public=self.xy, public_weight=1.0) if t < 2 else PlannedStep()
+
+
+def test_adaptive_hook_releases_counts_only_on_private_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    x, y = torch.randn(60, 4), torch.randint(0, 2, (60,))
+    engine = ClippingEngine(model, style="layer")
+    ad = AdaptiveClipping(engine, noise_multiplier=1.0, expected_batch_size=12, seed=0)
+    res = fit(model, (x, y), batching=BatchSpec(sample_rate=0.2),
+              privacy=PrivacySpec(noise_multiplier=1.0, gradient_noise_multiplier=ad.sigma_g),
+              clipping=ClipSpec(engine=engine), evaluation=EvalSpec(progress=False), hooks=[ad],
+              plan=_PublicThenPrivate((x[:10], y[:10])))
+    engine.remove()
+    assert ad.steps == 2 == res.ledger.steps == res.optimizer.steps_taken
 
 
 # ---------------------------------------------------------------------------- convergence

@@ -37,24 +37,30 @@ Only `abadi` clipping (min(1, C/||g||)) has a threshold whose quantile means som
 
     adaptive = AdaptiveClipping(engine, noise_multiplier=sigma, expected_batch_size=q * n,
                                 target_quantile=0.5, lr=0.2, count_fraction=0.01)
-    fit(model, data, engine=engine, noise_multiplier=sigma,
-        gradient_noise_multiplier=adaptive.sigma_g, callbacks=[adaptive], ...)
+    fit(model, data, batching=..., clipping=ClipSpec(engine=engine),
+        privacy=PrivacySpec(noise_multiplier=sigma, gradient_noise_multiplier=adaptive.sigma_g),
+        hooks=[adaptive])
 
-or simply `fit_adaptive(model, data, ...)`, which does exactly that.
+or simply `dpbench.training.adaptive.fit_adaptive(model, data, ...)`, which does exactly
+that. This module holds only the thresholds and their private tracking; it imports nothing
+from the training layer (the tracker reads fit's `StepInfo` by its attributes).
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 
-from ..errors import UserError
+from dpbench.errors import UserError
+from dpbench.privacy import accounting
+from dpbench.privacy.noise import secure_gaussian
 
 __all__ = [
-    "AdaptiveClipping", "fit_adaptive", "threshold_update", "renormalize", "centered_count",
+    "AdaptiveClipping", "threshold_update", "renormalize", "centered_count",
     "noisy_fractions", "adaptive_noise", "separate_events_epsilon",
 ]
 
@@ -103,8 +109,6 @@ def adaptive_noise(noise_multiplier: float, num_groups: int, count_fraction: flo
     adds); sigma_b is the std of each centred count's noise. Checked so that the combined
     one-step mechanism has exactly the multiplier `noise_multiplier` the ledger records.
     """
-    from dpbench.privacy import accounting
-
     sigma_g, sigma_b = accounting.split_noise_for_counts(noise_multiplier, num_groups, count_fraction)
     eff = accounting.combined_noise_multiplier(sigma_g, sigma_b, num_groups)
     if not math.isclose(eff, float(noise_multiplier), rel_tol=1e-9):  # pragma: no cover - a bug guard
@@ -122,8 +126,6 @@ def separate_events_epsilon(sigma_g: float, sigma_b: float, num_groups: int, sam
     so this accounting understates epsilon; the correct value is
     `epsilon(combined_noise_multiplier(sigma_g, sigma_b, K), q, steps)`.
     """
-    from dpbench.privacy import accounting
-
     sigma_counts = 2.0 * float(sigma_b) / math.sqrt(int(num_groups))
     return accounting.sampled_composition_epsilon(
         [(sigma_g, sample_rate, steps), (sigma_counts, sample_rate, steps)], delta, accountant)
@@ -135,7 +137,7 @@ def separate_events_epsilon(sigma_g: float, sigma_b: float, num_groups: int, sam
 class AdaptiveClipping:
     """Per-step private quantile tracking of a ClippingEngine's group thresholds.
 
-    Use it as a `dpbench.training.loop.fit` callback (it reads the per-sample norms of the step's
+    Use it as a `dpbench.training.loop.fit` hook (it reads the per-sample norms of the step's
     logical batch from `StepInfo.norms` and sets the engine's thresholds for the next step),
     or call `update(norms)` yourself after each optimizer step.
 
@@ -149,7 +151,7 @@ class AdaptiveClipping:
         renormalize: keep sqrt(sum C_k^2) fixed at `total` (default: its initial value).
         total: the fixed total for `renormalize`.
         seed: seed of the count-noise generator (None: random); `secure_rng=True` draws the
-            noise from the OS CSPRNG instead (dpbench.training.optimizer.secure_gaussian).
+            noise from the OS CSPRNG instead (dpbench.privacy.noise.secure_gaussian).
         min_threshold: floor on every threshold (all-zero gradients would shrink it forever).
     """
 
@@ -193,8 +195,6 @@ class AdaptiveClipping:
         self.min_threshold = float(min_threshold)
         self._gen = None
         if not self.secure_rng:
-            import secrets
-
             self._gen = torch.Generator().manual_seed(int(seed) if seed is not None else secrets.randbits(62))
         self.steps = 0
         self.time_s = 0.0  # time spent in updates (fit's wall time does not include callbacks)
@@ -208,8 +208,6 @@ class AdaptiveClipping:
     def _count_noise(self) -> dict[str, float]:
         k = len(self.groups)
         if self.secure_rng:
-            from dpbench.training.optimizer import secure_gaussian
-
             z = secure_gaussian((k,), dtype=torch.float64)
         else:
             z = torch.randn(k, generator=self._gen, dtype=torch.float64)
@@ -225,7 +223,7 @@ class AdaptiveClipping:
         if s is not None and float(s) < self.sigma_g * (1 - 1e-9):
             raise UserError(f"the optimizer adds noise multiplier {float(s):.6g} but adaptive clipping spends part "
                             f"of the budget on counts and needs sigma_g = {self.sigma_g:.6g} on the gradient; pass "
-                            f"gradient_noise_multiplier=adaptive.sigma_g to dpbench.training.loop.fit")
+                            f"PrivacySpec(gradient_noise_multiplier=adaptive.sigma_g) to dpbench.training.loop.fit")
 
     # -- the step
     def update(self, norms: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -255,7 +253,12 @@ class AdaptiveClipping:
         return new
 
     def __call__(self, info: Any) -> None:
-        """`dpbench.training.loop.fit` callback: update from `info.norms` after each logical step."""
+        """`dpbench.training.loop.fit` hook: update from `info.norms` after each private step.
+
+        A step without a private batch (a public step of a plan) releases no counts.
+        """
+        if not getattr(info, "private", True):
+            return
         if not self._checked_optimizer:
             self.check_optimizer(info.optimizer)
             if info.engine is not None and info.engine is not self.engine:
@@ -276,73 +279,3 @@ class AdaptiveClipping:
         return (f"AdaptiveClipping(groups={len(self.groups)}, q={self.target_quantile:g}, lr={self.lr:g}, "
                 f"r={self.count_fraction:g}, sigma={self.noise_multiplier:.4g}, sigma_g={self.sigma_g:.4g}, "
                 f"sigma_b={self.sigma_b:.4g}, renormalize={self.renormalize})")
-
-
-# ---------------------------------------------------------------------------- training
-
-
-def fit_adaptive(model: torch.nn.Module, train_data: Any, *, target_quantile: float = 0.5, threshold_lr: float = 0.2,
-                 count_fraction: float = 0.01, renormalize: bool = False, total: float | None = None,
-                 clip_style: str = "layer", max_grad_norm: float = 1.0, clip_method: str = "auto",
-                 clip_fn: str = "abadi", engine_kwargs: dict | None = None,
-                 noise_multiplier: float | None = None, target_epsilon: float | None = None,
-                 epochs: float | None = None, steps: int | None = None, sample_rate: float | None = None,
-                 expected_batch_size: float | None = None, delta: float = 1e-5, accountant: str = "rdp",
-                 seed: int = 0, secure_rng: bool = False, callbacks: Iterable[Callable] = (),
-                 **fit_kwargs: Any):
-    """`dpbench.training.loop.fit` with adaptive thresholds; returns (TrainResult, AdaptiveClipping).
-
-    Builds the ClippingEngine (`clip_style`, `max_grad_norm` (initial thresholds
-    C/sqrt(K)), `clip_method`, `engine_kwargs`), takes sigma from `noise_multiplier` or
-    calibrates it for `target_epsilon` at this q and step count, and trains with the
-    gradient noise sigma_g while the ledger records one Poisson-sampled Gaussian with sigma
-    per step. Other keyword arguments go to `fit` unchanged.
-    """
-    from dpbench.privacy import accounting
-    from dpbench.clipping import ClippingEngine
-    from dpbench.training.sampling import steps_for_epochs
-    from dpbench.training.loop import as_tensors, fit
-
-    if clip_fn != "abadi":
-        raise UserError(f"adaptive thresholds need clip_fn='abadi', got {clip_fn!r}: automatic clipping has no "
-                        "threshold quantile to track; use clip_fn='abadi' or train without adaptation")
-    if fit_kwargs.get("private", True) is False:
-        raise UserError("adaptive clipping is for private training; call dpbench.training.loop.fit(private=False) instead")
-    for key in ("engine", "gradient_noise_multiplier"):
-        if key in fit_kwargs:
-            raise UserError(f"fit_adaptive sets {key} itself; build AdaptiveClipping and call fit for custom set-ups")
-    n = len(as_tensors(train_data)[0])
-    if (sample_rate is None) == (expected_batch_size is None):
-        raise UserError("give exactly one of sample_rate (q) and expected_batch_size (q * n)")
-    q = float(sample_rate) if sample_rate is not None else float(expected_batch_size) / n
-    if not 0.0 < q <= 1.0:
-        raise UserError(f"sample rate q = {q:g} must be in (0, 1]")
-    if (epochs is None) == (steps is None):
-        raise UserError("give exactly one of epochs and steps")
-    steps = steps_for_epochs(epochs, q) if steps is None else int(steps)
-    if (noise_multiplier is None) == (target_epsilon is None):
-        raise UserError("give exactly one of noise_multiplier and target_epsilon")
-    if noise_multiplier is None:
-        accounting.check_delta(delta, n)
-        noise_multiplier = accounting.noise_multiplier(target_epsilon, q, max(steps, 1), delta=delta,
-                                                       accountant=accountant)
-
-    device = fit_kwargs.get("device", "cpu")
-    if device is not None:
-        from dpbench.training.loop import resolve_device
-
-        model.to(resolve_device(device))
-    engine = ClippingEngine(model, max_grad_norm=max_grad_norm, method=clip_method, style=clip_style,
-                            clip_fn=clip_fn, **(engine_kwargs or {}))
-    try:
-        adaptive = AdaptiveClipping(engine, noise_multiplier, q * n, target_quantile=target_quantile,
-                                    lr=threshold_lr, count_fraction=count_fraction, renormalize=renormalize,
-                                    total=total, seed=None if secure_rng else seed + 2, secure_rng=secure_rng)
-        result = fit(model, train_data, engine=engine, noise_multiplier=noise_multiplier,
-                     gradient_noise_multiplier=adaptive.sigma_g, callbacks=[adaptive, *callbacks],
-                     steps=steps, sample_rate=q, delta=delta, accountant=accountant, seed=seed,
-                     secure_rng=secure_rng, max_grad_norm=max_grad_norm, clip_method=clip_method,
-                     clip_style=clip_style, clip_fn=clip_fn, **fit_kwargs)
-    finally:
-        engine.remove()
-    return result, adaptive

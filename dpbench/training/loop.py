@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dpbench.clipping import ClippingEngine
@@ -39,6 +38,7 @@ from dpbench.clipping.grouping import STYLES
 from dpbench.errors import UserError
 from dpbench.privacy import accounting
 from dpbench.training.distributed import DataParallel
+from dpbench.training.losses import per_sample_cross_entropy
 from dpbench.training.optimizer import DPOptimizer, LogicalBatching
 from dpbench.training.sampling import PoissonSampler, ShuffledSampler, split_physical, steps_for_epochs
 
@@ -481,11 +481,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device {device!r} was requested but MPS is not available; pass device='cpu'")
     return dev
-
-
-def per_sample_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy with one loss per sample (reduction="none"): the default loss."""
-    return F.cross_entropy(outputs, targets, reduction="none")
 
 
 @torch.no_grad()

@@ -35,14 +35,13 @@ in the engine (`ClippingEngine(..., audit=True, unclipped_layer=name)`).
 from __future__ import annotations
 
 import math
-import os
 import secrets
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 
 from dpbench.errors import UserError
+from dpbench.privacy.noise import secure_gaussian  # noqa: F401 (re-exported: the optimizer's secure source)
 
 
 def _param_list(items: Iterable[Any]) -> list[torch.nn.Parameter]:
@@ -51,29 +50,6 @@ def _param_list(items: Iterable[Any]) -> list[torch.nn.Parameter]:
     for item in items:
         out.append(item[1] if isinstance(item, tuple) else item)
     return out
-
-
-def secure_gaussian(shape: torch.Size | tuple, *, dtype=torch.float32, device="cpu", chunk: int = 1 << 22) -> torch.Tensor:
-    """Standard normal samples from os.urandom via Box-Muller in float64.
-
-    Uniforms use 53 random bits each and lie in (0, 1], so log() is finite. Generated in
-    chunks to bound the temporary memory for large models.
-    """
-    numel = int(math.prod(shape))
-    out = np.empty(numel, dtype=np.float64)
-    scale = 1.0 / (1 << 53)
-    pos = 0
-    while pos < numel:
-        m = min(chunk, numel - pos)
-        pairs = (m + 1) // 2
-        raw = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64)
-        u = ((raw >> np.uint64(11)).astype(np.float64) + 1.0) * scale  # (0, 1]
-        u1, u2 = u[:pairs], u[pairs:]
-        r = np.sqrt(-2.0 * np.log(u1))
-        z = np.concatenate([r * np.cos(2 * math.pi * u2), r * np.sin(2 * math.pi * u2)])
-        out[pos:pos + m] = z[:m]
-        pos += m
-    return torch.from_numpy(out).reshape(tuple(shape)).to(dtype=dtype, device=device)
 
 
 class DPOptimizer:
