@@ -227,3 +227,180 @@ def test_direct_parameter_broadcast_onto_more_dimensions_is_exact(B, C):
     torch.manual_seed(0)
     model = Direct((1, 3, 3), lambda x, p: x * p, C * 9).double()
     check_all(model, *data((C, 3, 3), B=B))
+
+
+@pytest.mark.parametrize("use,shape,xshape", [
+    (lambda x, p: x * p, (3, 1, 1), (3, 2, 2)),                               # (C, 1, 1) onto (B, C, H, W)
+    (lambda x, p: torch.cat([p.expand(x.shape[0], -1, -1), x], 1), (1, 1, 4), (2, 4)),  # cls token
+    (lambda x, p: x.clone().add_(p[:, :2]), (1, 3, 4), (2, 4)),               # in place onto the batch
+    (lambda x, p: torch.where(x > 0, x, p * 2.0), (1, 2, 4), (2, 4)),
+    (lambda x, p: x * (p[0] + 1).exp() - p.transpose(1, 2).reshape(1, 2, 3).mean(), (1, 3, 2), (3, 2)),
+    (lambda x, p: x + p.expand_as(x) + p, (1, 2, 3), (2, 3)),
+])
+def test_direct_parameter_broadcasting_uses_are_exact(use, shape, xshape):
+    torch.manual_seed(0)
+    x, y = data(xshape)
+    with torch.no_grad():
+        feat = use(x, torch.randn(*shape, dtype=torch.float64)).flatten(1).shape[1]
+    check_all(Direct(shape, use, feat).double(), x, y)
+
+
+def test_direct_parameter_used_twice_and_module_called_twice_is_exact():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d = Direct((1, 3, 4), lambda x, p: x + p[0] * x, 12)
+
+        def forward(self, x):
+            return self.d(x) + self.d(x * 0.5)
+
+    torch.manual_seed(0)
+    check_all(Twice().double(), *data((3, 4)))
+
+
+@pytest.mark.parametrize("use,shape", [
+    (lambda x, p: x @ p[0], (1, 4, 4)),
+    (lambda x, p: F.linear(x, p[0]), (1, 4, 4)),
+    (lambda x, p: x + p.repeat(x.shape[0], 1, 1), (1, 3, 4)),
+    (lambda x, p: x + p.mul_(1.0), (1, 3, 4)),
+    (lambda x, p: (x.transpose(0, 1) + p).transpose(0, 1), (1, 1, 4)),  # batch on axis 1, B != 3
+])
+def test_unsupported_direct_parameter_uses_are_refused_at_the_forward_pass(use, shape):
+    torch.manual_seed(0)
+    model = Direct(shape, use, 12).double()
+    x, y = data((3, 4), B=4)
+    eng = ClippingEngine(model)
+    try:
+        with pytest.raises(UserError) as info:
+            model(x)  # refused by the forward pass, before any backward
+        msg = str(info.value)
+        assert "direct parameter 'p' of module '<root>' (Direct)" in msg and "dpbench.models.freeze" in msg
+        assert isinstance(model.p, nn.Parameter) and model.p.grad is None  # restored, untouched
+    finally:
+        eng.remove()
+
+
+def test_direct_parameter_broadcast_over_a_batch_axis_that_is_not_first_is_caught_by_the_check():
+    # x.transpose(0, 1) + p with B equal to the token count: the shapes cannot tell that the
+    # batch moved to axis 1; the first step's per-sample check refuses it.
+    torch.manual_seed(0)
+    model = Direct((1, 3, 4), lambda x, p: (x.transpose(0, 1) + p).transpose(0, 1), 12).double()
+    x, y = data((3, 4), B=3)
+    eng = ClippingEngine(model)
+    try:
+        with pytest.raises(UserError, match=r"'p' \(module '<root>', Direct\).*per-sample reference"):
+            eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+    finally:
+        eng.remove()
+
+
+def test_direct_parameter_returned_alone_is_refused():
+    class Table(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(1, 3, 4))
+
+        def forward(self, x):
+            return self.w * 2
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = Table()
+            self.head = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.head((x + self.t(x)).flatten(1))
+
+    model = Net().double()
+    eng = ClippingEngine(model)
+    try:
+        with pytest.raises(UserError, match="'t.w' of module 't'.*returned by its module"):
+            model(data((3, 4))[0])
+    finally:
+        eng.remove()
+
+
+# ---------------------------------------------------------------- the per-sample self-check
+def test_self_check_sees_per_sample_misattribution_and_check_false_skips_it():
+    from dpbench.clipping import LayerRule, register_rule
+    from dpbench.clipping.rules import _RULES
+
+    class Gain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.ones(4) * 1.5)
+
+        def forward(self, x):
+            return x * self.g
+
+    @register_rule(Gain)
+    class ShiftedRule(LayerRule):
+        """Right sum, wrong attribution: each sample gets its neighbour's gradient."""
+        param_names = ("g",)
+
+        def per_sample(self, module, acts, grads, names):
+            ps = sum((a * g).reshape(g.shape[0], -1, g.shape[-1]).sum(1) for a, g in zip(acts, grads))
+            return {"g": ps.roll(1, 0)}
+
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 4), Gain(), nn.Tanh(), nn.Linear(4, 3)).double()
+        x, y = data((5,), B=5)
+        eng = ClippingEngine(model)
+        with pytest.raises(UserError, match=r"'1\.g' \(module '1', Gain\).*per-sample reference"):
+            eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+        eng.remove()
+        eng = ClippingEngine(model, check=False)  # documented: nothing is checked
+        eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+        eng.remove()
+    finally:
+        _RULES.pop(Gain, None)
+
+
+def test_self_check_replays_dropout():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 3)).double().train()
+    x, y = data((5,), B=6)
+    eng = ClippingEngine(model, max_grad_norm=0.1)
+    try:
+        eng.backward(F.cross_entropy(model(x), y, reduction="none"))  # no false alarm
+        assert eng._checked
+    finally:
+        eng.remove()
+
+
+# ---------------------------------------------------------------- F: cancellation in ghost norms
+class Cancel(nn.Module):
+    """Two identical tokens whose output gradients nearly cancel: G'A is tiny, A A' * G G' is not."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+        self.eps = eps
+
+    def forward(self, x):
+        h = self.lin(torch.stack([x, x], 1))
+        return self.head(h[:, 0] - (1 - self.eps) * h[:, 1])
+
+
+@pytest.mark.parametrize("eps", [1e-4, 1e-7])
+def test_ghost_norm_under_cancellation_matches_instantiation(eps):
+    torch.manual_seed(0)
+    model = Cancel(eps).double()
+    x, y = data((6,), B=5)
+    ps = naive_per_sample(model, x, y)
+    ref = ps["lin.weight"].flatten(1).norm(dim=1)
+    out = {}
+    for method in ("ghost", "instantiate"):
+        eng = ClippingEngine(model, method=method, style="layer", max_grad_norm=1.0)
+        try:
+            out[method] = eng.backward(F.cross_entropy(model(x), y, reduction="none"))["lin"]
+        finally:
+            eng.remove()
+        for p in model.parameters():
+            p.grad = None
+    ref_layer = (ref.pow(2) + ps["lin.bias"].pow(2).sum(1)).sqrt()
+    for method in out:
+        assert rel_err(out[method], ref_layer) < 1e-9, (method, rel_err(out[method], ref_layer))
