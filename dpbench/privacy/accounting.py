@@ -17,13 +17,14 @@ plain Gaussian mechanisms with sensitivity 1.
 
 Results are memoised in one process-wide cache keyed by the event (`repr` of the DpEvent,
 which spells out every noise multiplier, rate and count), the accountant and delta or the
-epsilon target: `event_epsilon`, `epsilon`, `epsilon_curve`, `noise_multiplier`,
+epsilon target: `event_epsilon`, `event_rdp`, `epsilon`, `epsilon_curve`, `noise_multiplier`,
 `calibrate_gaussian_releases` and `PrivacyLedger.epsilon` all share it, so sweeps that repeat
 a mechanism for every seed account it once (`cache_info`, `clear_cache`).
 
-Calibration (epsilon -> noise) is dp-accounting's `calibrate_dp_mechanism` on the log of the
-noise scale, inside a bracket found from a warm start (the CLT estimate for DP-SGD, the exact
-Gaussian mechanism for unsampled releases).
+Calibration (epsilon -> noise) is `calibrate_noise_scale`: dp-accounting's
+`calibrate_dp_mechanism` on the log of the noise scale, inside a bracket found from a warm
+start (the closed-form CLT estimate for DP-SGD, the exact Gaussian mechanism for unsampled
+releases). Private selection (`dpbench.privacy.selection`) calibrates through it too.
 
 `import dpbench.privacy.accounting` does not import dp_accounting or scipy: they are imported
 inside the functions that need them.
@@ -296,6 +297,25 @@ def event_epsilon(event, delta: float = DEFAULT_DELTA, accountant: str = "rdp", 
     return _cached("epsilon", event, accountant, d, (interval,), compute)
 
 
+def event_rdp(event, orders: Sequence[float]):
+    """(orders, RDP epsilon at each order) of a dp_accounting event, from dp-accounting's
+    `RdpAccountant` and its public `orders`/`rdp` (memoised in the shared cache; fresh
+    arrays each call)."""
+    import numpy as np
+
+    orders = tuple(float(a) for a in orders)
+
+    def compute() -> tuple[tuple[float, ...], tuple[float, ...]]:
+        import dp_accounting as dpa
+
+        with _quiet_absl():
+            acc = dpa.rdp.RdpAccountant(orders=list(orders)).compose(event)
+        return tuple(float(a) for a in acc.orders), tuple(float(r) for r in acc.rdp)
+
+    o, r = _cached("rdp", event, "rdp", 0.0, orders, compute)
+    return np.asarray(o, dtype=float), np.asarray(r, dtype=float)
+
+
 # ---------------------------------------------------------------------------- closed forms
 
 
@@ -494,10 +514,11 @@ def _check_target(target_epsilon: float) -> float:
     return e
 
 
-def _calibration_accountant(accountant: str, pld_discretization: float | None):
+def _calibration_accountant(epsilon_of: Callable[[Any, float], float]):
     """A dp-accounting `PrivacyAccountant` for `calibrate_dp_mechanism` whose epsilon is
-    `event_epsilon` of what it composed, so every point the search visits (bracket ends,
-    Brent's iterates, the final check) goes through the shared cache.
+    `epsilon_of(event, delta)` of what it composed (e.g. `event_epsilon`, so every point the
+    search visits -- bracket ends, Brent's iterates, the final check -- goes through the
+    shared cache).
 
     An infinite epsilon is reported as a large finite one: Brent's method only needs the sign
     of epsilon - target, and a finite value keeps its interpolation defined."""
@@ -511,28 +532,40 @@ def _calibration_accountant(accountant: str, pld_discretization: float | None):
             return None  # everything is kept in `ledger` by the base class
 
         def get_epsilon(self, target_delta: float) -> float:
-            return min(event_epsilon(self.ledger, target_delta, accountant, pld_discretization), 1e6)
+            return min(epsilon_of(self.ledger, target_delta), 1e6)
 
     return _Calibration()
 
 
-def _calibrate_scale(make_event: Callable[[float], Any], target: float, delta: float, accountant: str, tol: float,
-                     what: str, start: float = 1.0, factor: float = 2.0, pld_discretization: float | None = None) -> float:
-    """Smallest noise scale s (to relative `tol`) such that the event `make_event(s)` is
-    (target, delta)-DP under `accountant` ("rdp" or "pld"); epsilon must decrease in s.
+def calibrate_noise_scale(
+    make_event: Callable[[float], Any],
+    target_epsilon: float,
+    delta: float,
+    epsilon_of: Callable[[Any, float], float],
+    *,
+    tol: float = 1e-3,
+    start: float = 1.0,
+    factor: float = 2.0,
+    what: str = "calibration",
+    hint: str = "raise epsilon or delta, or lower the sampling rate or steps",
+) -> float:
+    """Smallest noise scale s (to relative `tol`) such that `epsilon_of(make_event(s), delta)`
+    is at most `target_epsilon`; the epsilon must decrease in s. The one calibration routine:
+    `noise_multiplier`, `calibrate_gaussian_releases` and private selection use it.
 
     The bracket is found on log s from the warm start `start` by steps of `factor` (a good
     warm start and a small factor save accountant calls); dp-accounting's
     `calibrate_dp_mechanism` then solves inside it (Brent's method on log s, tolerance
     log(1 + tol) / 4, as the hand-written search before it), and returns a point whose
-    epsilon it has checked to be <= target."""
+    epsilon it has checked to be <= target. A target that needs s > SIGMA_MAX is a
+    `UserError` naming `what` and the `hint`.
+    """
     import dp_accounting as dpa
 
-    if accountant == "pld":  # one grid for the whole search: the event's size does not depend on s
-        pld_discretization = float(pld_discretization or pld_interval(_count_compositions(make_event(1.0))))
+    target = _check_target(target_epsilon)
 
     def eps_at(log_s: float) -> float:
-        return event_epsilon(make_event(math.exp(log_s)), delta, accountant, pld_discretization)
+        return epsilon_of(make_event(math.exp(log_s)), delta)
 
     step = math.log(factor)
     lo = hi = math.log(min(max(start, SIGMA_MIN), SIGMA_MAX))
@@ -540,10 +573,8 @@ def _calibrate_scale(make_event: Callable[[float], Any], target: float, delta: f
         while eps_at(hi) > target:
             lo, hi = hi, hi + step
             if hi > math.log(SIGMA_MAX):
-                raise UserError(
-                    f"{what}: no noise multiplier up to {SIGMA_MAX:g} reaches epsilon {target:g}; "
-                    f"the target is too small for these settings (raise epsilon or delta, or lower the sampling rate or steps)"
-                )
+                raise UserError(f"{what}: no noise multiplier up to {SIGMA_MAX:g} reaches epsilon {target:g}; "
+                                f"the target is too small for these settings ({hint})")
     else:
         while eps_at(lo) <= target:
             hi, lo = lo, lo - step
@@ -551,11 +582,19 @@ def _calibrate_scale(make_event: Callable[[float], Any], target: float, delta: f
                 return math.exp(hi)  # any noise >= this reaches the target
     with _quiet_absl():
         log_s = dpa.calibrate_dp_mechanism(
-            lambda: _calibration_accountant(accountant, pld_discretization),
+            lambda: _calibration_accountant(epsilon_of),
             lambda x: make_event(math.exp(x)),
             target, delta, dpa.ExplicitBracketInterval(lo, hi), tol=math.log1p(tol) / 4,
         )
     return math.exp(log_s)
+
+
+def _accountant_epsilon(accountant: str, make_event: Callable[[float], Any], pld_discretization: float | None = None):
+    """`epsilon_of` for `calibrate_noise_scale` under "rdp" or "pld" (through the cache); the
+    PLD grid is fixed once for the whole search, as the event's size does not depend on s."""
+    if accountant == "pld":
+        pld_discretization = float(pld_discretization or pld_interval(_count_compositions(make_event(1.0))))
+    return lambda event, delta: event_epsilon(event, delta, accountant, pld_discretization)
 
 
 def gdp_clt_noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delta: float = DEFAULT_DELTA) -> float:
@@ -615,8 +654,12 @@ def noise_multiplier(
         # The CLT approximation is cheap and usually within ~10% of the RDP/PLD answer:
         # start there and bracket with small steps to save expensive accountant calls.
         start = min(gdp_clt_noise_multiplier(eps, q, t, d), SIGMA_MAX)
-        return _calibrate_scale(lambda s: dpsgd_event(s, q, t), eps, d, accountant, tol, what, start, 1.15,
-                                pld_discretization)
+
+        def make_event(s: float):
+            return dpsgd_event(s, q, t)
+
+        return calibrate_noise_scale(make_event, eps, d, _accountant_epsilon(accountant, make_event, pld_discretization),
+                                     tol=tol, start=start, factor=1.15, what=what)
 
     return _cached("noise_multiplier", dpsgd_event(1.0, q, t), accountant, eps, (d, float(tol), pld_discretization),
                    compute)
@@ -662,7 +705,8 @@ def calibrate_gaussian_releases(
 
         start = float(dpa.get_sigma_gaussian(eps, d)) * math.sqrt(sum(c**-2 for c in shape))
         what = f"calibrate_gaussian_releases(eps={eps:g}, releases={len(weights)})"
-        return _calibrate_scale(make_event, eps, d, accountant, tol, what, min(start, SIGMA_MAX), 1.15)
+        return calibrate_noise_scale(make_event, eps, d, _accountant_epsilon(accountant, make_event), tol=tol,
+                                     start=min(start, SIGMA_MAX), factor=1.15, what=what)
 
     scale = _cached("gaussian_releases", make_event(1.0), accountant, eps, (d, float(tol)), compute)
     return [scale * c for c in shape]

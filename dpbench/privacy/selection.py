@@ -41,6 +41,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dpbench.errors import UserError
+from dpbench.privacy import accounting
+from dpbench.privacy.accounting import ADJACENCY, PrivacyLedger, check_delta
 
 DISTRIBUTIONS = ("poisson", "truncated_negative_binomial")
 BOUNDS = {
@@ -205,27 +207,16 @@ def rdp_curve(base: Any, orders: Sequence[float] | None = None) -> tuple[np.ndar
     base: a dp_accounting DpEvent, a `dpbench.privacy.accounting.PrivacyLedger`, a ledger dict
     (`PrivacyLedger.to_dict()`), or an (orders, rdp) pair (returned as arrays).
     orders: default SELECTION_ORDERS."""
-    import dp_accounting as dpa
-
-    from dpbench.privacy import accounting
-
     if isinstance(base, tuple) and len(base) == 2:
         o, r = np.asarray(base[0], dtype=float), np.asarray(base[1], dtype=float)
         if o.shape != r.shape or o.ndim != 1 or len(o) == 0:
             raise UserError("an (orders, rdp) pair needs two 1-D sequences of the same length")
         return o, r
-    event = _as_event(base)
-    orders = list(orders or SELECTION_ORDERS)
-    with accounting._quiet_absl():
-        acc = dpa.rdp.RdpAccountant(orders=orders)
-        acc.compose(event)
-    return np.asarray(acc.orders, dtype=float), np.asarray(acc.rdp, dtype=float)
+    return accounting.event_rdp(_as_event(base), orders or SELECTION_ORDERS)
 
 
 def _as_event(base: Any):
     import dp_accounting as dpa
-
-    from dpbench.privacy.accounting import PrivacyLedger
 
     if isinstance(base, dpa.DpEvent):
         return base
@@ -323,8 +314,6 @@ class SelectionPrivacy:
         """A dict with the keys of `PrivacyLedger.to_dict()` (events, dp_event, accountant,
         delta, n, adjacency, world_size, approximate, approximate_reason, steps, epsilon)
         plus the selection's details, for manifests and ledgers.json."""
-        from dpbench.privacy.accounting import ADJACENCY
-
         event = {"type": "private_selection", **self.repetitions.describe(), "runs": self.runs,
                  "bound": self.bound, "conversion": CONVERSION, "base_events": [dict(e) for e in self.base_events],
                  "base_epsilon": self.base_epsilon}
@@ -349,8 +338,6 @@ def selection_epsilon(base: Any, dist: Repetitions, delta: float = 1e-5, orders:
                       n: int | None = None, monotone: bool = True) -> SelectionPrivacy:
     """Epsilon at `delta` of private selection over candidates covered by `base` (see
     `rdp_curve` for what `base` may be), with the number of runs drawn from `dist`."""
-    from dpbench.privacy.accounting import check_delta
-
     check_delta(delta, n)
     o, r = rdp_curve(base, orders)
     sel = selection_rdp(o, r, dist, monotone=monotone)
@@ -363,8 +350,6 @@ def selection_epsilon(base: Any, dist: Repetitions, delta: float = 1e-5, orders:
 
 
 def _events_of(base: Any) -> list[dict[str, Any]] | None:
-    from dpbench.privacy.accounting import PrivacyLedger
-
     if isinstance(base, PrivacyLedger):
         return [dict(e) for e in base.events]
     if isinstance(base, dict) and "events" in base:
@@ -384,9 +369,7 @@ def composition_epsilon(base: Any, runs: int, delta: float = 1e-5, n: int | None
     candidate and publishes the best really spends), with dp-accounting's RDP accountant."""
     import dp_accounting as dpa
 
-    from dpbench.privacy import accounting
-
-    accounting.check_delta(delta, n)
+    check_delta(delta, n)
     if int(runs) < 1:
         raise UserError(f"runs must be >= 1, got {runs!r}")
     return accounting.event_epsilon(dpa.SelfComposedDpEvent(_as_event(base), int(runs)), delta, "rdp")
@@ -396,8 +379,6 @@ def dpsgd_base(noise_multiplier: float, sample_rate: float, steps: int, *, score
                delta: float = 1e-5, n: int | None = None):
     """The ledger of one candidate run: DP-SGD, plus (optionally) one Gaussian release of
     its validation score (a count of correct predictions, sensitivity 1)."""
-    from dpbench.privacy.accounting import PrivacyLedger
-
     led = PrivacyLedger(delta=delta, n=n)
     led.record_dpsgd(noise_multiplier, sample_rate, steps)
     if score_noise_multiplier is not None:
@@ -409,34 +390,27 @@ def calibrate_selection_noise(target_epsilon: float, sample_rate: float, steps: 
                               delta: float = 1e-5, score_noise_multiplier: float | None = None, n: int | None = None,
                               rtol: float = 2e-3) -> float:
     """The DP-SGD noise multiplier per candidate run such that the whole selection (K ~
-    dist runs, the best published) costs `target_epsilon` at `delta` (bisection on log sigma).
+    dist runs, the best published) costs `target_epsilon` at `delta`, to relative `rtol`
+    (`dpbench.privacy.accounting.calibrate_noise_scale`: dp-accounting's
+    `calibrate_dp_mechanism` on log sigma; the result's selection epsilon is <= target).
 
     With `score_noise_multiplier`, each run also releases its noisy validation score, whose
     cost is fixed; a target below what the score releases alone allow is a UserError."""
     if not target_epsilon > 0:
         raise UserError(f"target_epsilon must be > 0, got {target_epsilon!r}")
+    check_delta(delta, n)
 
-    def eps(sigma: float) -> float:
-        base = dpsgd_base(sigma, sample_rate, steps, score_noise_multiplier=score_noise_multiplier, delta=delta, n=n)
-        return selection_epsilon(base, dist, delta, n=n).epsilon
+    def make_event(sigma: float):
+        return dpsgd_base(sigma, sample_rate, steps, score_noise_multiplier=score_noise_multiplier, delta=delta,
+                          n=n).dp_event()
 
-    lo, hi = 0.3, 1.0
-    while eps(hi) > target_epsilon:
-        lo, hi = hi, hi * 2
-        if hi > 1e4:
-            raise UserError(
-                f"no noise multiplier reaches epsilon {target_epsilon:g} for this selection (E[K] = {dist.mean:.3g}"
-                f"{', score noise ' + format(score_noise_multiplier, 'g') if score_noise_multiplier else ''}); "
-                f"raise the target, lower the expected number of runs or add more score noise")
-    while lo > 1e-3 and eps(lo) <= target_epsilon:
-        hi, lo = lo, lo / 2
-    while hi / lo > 1 + rtol:
-        mid = math.sqrt(lo * hi)
-        if eps(mid) > target_epsilon:
-            lo = mid
-        else:
-            hi = mid
-    return hi  # the conservative end: epsilon(hi) <= target
+    def epsilon_of(event, d: float) -> float:
+        return selection_epsilon(event, dist, d, n=n).epsilon
+
+    score = f", score noise {score_noise_multiplier:g}" if score_noise_multiplier else ""
+    return accounting.calibrate_noise_scale(
+        make_event, target_epsilon, delta, epsilon_of, tol=rtol, what=f"selection (E[K] = {dist.mean:.3g}{score})",
+        hint="raise the target, lower the expected number of runs or add more score noise")
 
 
 # --------------------------------------------------------------------------- running a selection
