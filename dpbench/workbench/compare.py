@@ -3,13 +3,16 @@
 A and B are results folders: a profile folder (`results/cpu`, holding one folder per
 notebook), one notebook's folder (`results/cpu/03_public_pretraining`), a colleague's copy
 of either, or just a profile name (`cpu`). Rows of the two sides are matched on
-(experiment, metric, method, epsilon) plus every parameter column whose set of values is
-the same on both sides of that experiment (so sweeps stay apart, while a column that
-differs, e.g. a data-set size between profiles, or a measurement such as `sd`, is
-aggregated over and listed in the header). Each matched quantity gets a mean per side
-across seeds, and B - A with its 95% confidence interval (paired by seed where both sides
-share seeds, else Welch; see dpbench.workbench.verdicts). A difference is flagged only when its
-interval excludes 0.
+(experiment, metric, method, epsilon) plus every parameter column that both folders have,
+so each swept value (a batch size, a data-set size) is its own line and values that only
+one side ran are counted as "only in A" / "only in B", never pooled. Measurement columns
+(`sd`, `se`, `step`, ...) are not keys. Columns that only one folder has are listed; where
+such a column takes several values within one matched quantity, that quantity is not
+compared (its rows would pool different settings) and is listed with the reason. Each
+matched quantity gets a mean per side across seeds, and B - A with its 95% confidence
+interval (paired by seed when both sides have the same seeds, so B - A is the difference of
+the two means; else Welch; see dpbench.workbench.verdicts). A difference is flagged only
+when its interval excludes 0.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import io
 import math
 import os
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +33,8 @@ from dpbench.atomic import write_atomic
 from dpbench.workbench.results import STYLE_FILE
 
 BASE_KEY = ("experiment", "metric", "method", "epsilon")
-NOT_KEYS = {"value", "seed", "status", "reason", "claim_id", "_notebook"}
+# Measurements and bookkeeping, never keys (the verdicts' list of non-setting columns, less the base key).
+NOT_KEYS = (set(verdicts._STAT_COLUMNS) | {"value", "seed", "status", "reason", "claim_id", "_notebook"}) - set(BASE_KEY)
 
 
 @dataclass
@@ -58,11 +63,15 @@ class Line:
 
     @property
     def flag(self) -> str:
-        """"*" the 95% CI of B - A excludes 0; "=" identical; "?" spread unknown; "" otherwise."""
+        """"*" the 95% CI of B - A excludes 0; "=" identical; "?" spread unknown; "~" a
+        zero-width interval from seeds (every seed moved by the same amount: decides nothing);
+        "" otherwise."""
         if self.diff.mean == 0 and (self.diff.half_width or 0) == 0:
             return "="
         if not self.diff.known:
             return "?"
+        if self.diff.half_width == 0 and not self.diff.exact:
+            return "~"
         return "*" if self.diff.low > 0 or self.diff.high < 0 else ""
 
     @property
@@ -80,6 +89,8 @@ class Comparison:
     only_a: int
     only_b: int
     differing: dict[str, dict[str, tuple[list[str], list[str]]]] = field(default_factory=dict)
+    one_side: dict[str, dict[str, str]] = field(default_factory=dict)  # experiment -> {column: "A" or "B"}
+    skipped: list[str] = field(default_factory=list)  # quantities not compared, with the reason
 
 
 # --------------------------------------------------------------------------- reading
@@ -157,21 +168,30 @@ def _label(path: Path) -> str:
 
 
 def key_columns(a_rows: Sequence[dict], b_rows: Sequence[dict], by: Sequence[str] = ()) -> tuple[list[str], dict[str, tuple[list[str], list[str]]]]:
-    """The key columns of one experiment: BASE_KEY, the `by` columns, and every other
-    column of both sides whose set of values is the same on both; plus the columns left
-    out because their values differ (name -> (A values, B values), a few of each)."""
+    """The key columns of one experiment: BASE_KEY, the `by` columns, and every parameter
+    column that both sides have (so sweeps stay apart and only equal settings match); plus,
+    for information, the shared columns whose sets of values differ between the sides
+    (name -> (A values, B values), a few of each): their unmatched values are "only in A/B"."""
     cols_a = {k for r in a_rows for k in r}
     cols_b = {k for r in b_rows for k in r}
     keys = list(BASE_KEY) + [c for c in by if c not in BASE_KEY]
     differing = {}
     for col in sorted((cols_a & cols_b) - NOT_KEYS - set(keys)):
+        keys.append(col)
         va = {_norm(r.get(col)) for r in a_rows}
         vb = {_norm(r.get(col)) for r in b_rows}
-        if va == vb:
-            keys.append(col)
-        else:
+        if va != vb:
             differing[col] = (_shown(va), _shown(vb))
     return keys, differing
+
+
+def one_side_columns(a_rows: Sequence[dict], b_rows: Sequence[dict]) -> dict[str, str]:
+    """Parameter columns that only one side has: name -> "A" or "B"."""
+    cols_a = {k for r in a_rows for k in r} - NOT_KEYS - set(BASE_KEY)
+    cols_b = {k for r in b_rows for k in r} - NOT_KEYS - set(BASE_KEY)
+    out = {c: "A" for c in cols_a - cols_b}
+    out.update({c: "B" for c in cols_b - cols_a})
+    return dict(sorted(out.items()))
 
 
 def _shown(values: set[str], limit: int = 4) -> list[str]:
@@ -194,6 +214,8 @@ def compare(a: Side, b: Side, by: Sequence[str] = (), metrics: Sequence[str] = (
     lines: list[Line] = []
     only_a = only_b = 0
     differing: dict[str, dict] = {}
+    one_side: dict[str, dict[str, str]] = {}
+    skipped: list[str] = []
     for exp in sorted({r["experiment"] for r in a_rows} | {r["experiment"] for r in b_rows}):
         ea = [r for r in a_rows if r["experiment"] == exp]
         eb = [r for r in b_rows if r["experiment"] == exp]
@@ -204,15 +226,25 @@ def compare(a: Side, b: Side, by: Sequence[str] = (), metrics: Sequence[str] = (
         keys, diff_cols = key_columns(ea, eb, by)
         if diff_cols:
             differing[exp] = diff_cols
+        lone = one_side_columns(ea, eb)
+        if lone:
+            one_side[exp] = lone
         ga, gb = _group(ea, keys), _group(eb, keys)
         only_a += len(ga.keys() - gb.keys())
         only_b += len(gb.keys() - ga.keys())
         for k in sorted(ga.keys() & gb.keys()):
+            # a column only one side has must not vary within the quantity: that would pool settings
+            pooled = [f"{side}'s rows take several values of {c} ({', '.join(_shown({_norm(r.get(c)) for r in rs}))})"
+                      for side, rs in (("A", ga[k]), ("B", gb[k])) for c, who in lone.items()
+                      if who == side and len({_norm(r.get(c)) for r in rs}) > 1]
+            if pooled:
+                skipped.append(f"{_full_label(dict(zip(keys, k)))}: {'; '.join(pooled)}, a column the other side lacks")
+                continue
             ea_est, eb_est = verdicts.estimate(ga[k]), verdicts.estimate(gb[k])
             if ea_est is None or eb_est is None:
                 continue
             lines.append(Line(dict(zip(keys, k)), ea_est, eb_est, verdicts.difference(eb_est, ea_est)))
-    return Comparison(a, b, lines, only_a, only_b, differing)
+    return Comparison(a, b, lines, only_a, only_b, differing, one_side, skipped)
 
 
 def _key(row: dict, keys: Sequence[str]) -> tuple[str, ...]:
@@ -264,14 +296,22 @@ def format_table(cmp: Comparison, top: int | None = 30) -> str:
     ]
     for exp, cols in cmp.differing.items():
         text = "; ".join(f"{c}: A {','.join(va) or '-'} / B {','.join(vb) or '-'}" for c, (va, vb) in cols.items())
-        out.append(f"  {exp}: columns that differ, aggregated over: {_clip(text, 240)}")
+        out.append(f"  {exp}: matched per value; values only one side ran are not compared: {text}")
+    for exp, cols in cmp.one_side.items():
+        text = ", ".join(f"{c} (only {who})" for c, who in cols.items())
+        out.append(f"  {exp}: columns only one folder has: {text}")
     out.append(f"{len(cmp.lines)} matched quantities, {sig} differ beyond their 95% CI (*); "
-               f"{cmp.only_a} only in A, {cmp.only_b} only in B")
+               f"{cmp.only_a} only in A, {cmp.only_b} only in B"
+               + (f"; {len(cmp.skipped)} not compared (settings would pool)" if cmp.skipped else ""))
+    out += [f"  not compared: {s}" for s in cmp.skipped]
     if not cmp.lines:
         return "\n".join(out)
     lines = ordered(cmp.lines)
     shown = lines if top is None else lines[:top]
-    header = (f"{'experiment':<24} {'metric':<26} {'method':<16} {'eps':>6}  {'A mean +/- 95% CI':<26} "
+    w_exp = max(len("experiment"), *(len(ln.key["experiment"]) for ln in shown))
+    w_met = max(len("metric"), *(len(ln.key["metric"]) for ln in shown))
+    w_meth = max(len("method"), *(len(ln.key["method"]) for ln in shown))
+    header = (f"{'experiment':<{w_exp}} {'metric':<{w_met}} {'method':<{w_meth}} {'eps':>6}  {'A mean +/- 95% CI':<26} "
               f"{'B mean +/- 95% CI':<26} {'B - A [95% CI]':<28} {'rel':>8}   other keys")
     out += [header, "-" * len(header)]
     for ln in shown:
@@ -280,12 +320,13 @@ def format_table(cmp: Comparison, top: int | None = 30) -> str:
         dtext = verdicts.fmt(d.mean) + ("" if d.half_width in (None, 0) else
                                         f" [{verdicts.fmt(d.low)}, {verdicts.fmt(d.high)}]")
         rel = "-" if ln.relative is None else f"{100 * ln.relative:+.1f}%"
-        out.append(f"{_clip(k['experiment'], 24):<24} {_clip(k['metric'], 26):<26} {_clip(k['method'], 16):<16} "
-                   f"{_clip(k['epsilon'], 6):>6}  {_clip(_est(ln.a), 26):<26} {_clip(_est(ln.b), 26):<26} "
-                   f"{_clip(dtext, 28):<28} {rel:>8} {ln.flag:1} {_clip(_short_key(k), 60)}")
+        out.append(f"{k['experiment']:<{w_exp}} {k['metric']:<{w_met}} {k['method']:<{w_meth}} "
+                   f"{k['epsilon']:>6}  {_est(ln.a):<26} {_est(ln.b):<26} "
+                   f"{dtext:<28} {rel:>8} {ln.flag:1} {_short_key(k)}")
     if len(shown) < len(lines):
         out.append(f"... {len(lines) - len(shown)} more (use --all or --csv FILE)")
-    out.append("* the 95% CI of B - A excludes 0;  = identical;  ? spread unknown (a single seed)")
+    out.append("* the 95% CI of B - A excludes 0;  = identical;  ? spread unknown (a single seed);  "
+               "~ zero-width interval over seeds (decides nothing)")
     return "\n".join(out)
 
 
@@ -303,11 +344,16 @@ def to_csv(cmp: Comparison) -> str:
     return buf.getvalue()
 
 
-def _line_label(ln: Line) -> str:
-    k = ln.key
+def _full_label(k: dict[str, str]) -> str:
+    """Every key of a matched quantity, nothing cut."""
     extra = _short_key(k)
-    eps = f" eps={k['epsilon']}" if k["epsilon"] else ""
-    return _clip(f"{k['experiment'][:12]} {k['metric']} {k['method']}{eps}" + (f" ({extra})" if extra else ""), 70)
+    eps = f" eps={k['epsilon']}" if k.get("epsilon") else ""
+    return f"{k['experiment']} {k['metric']} {k['method']}{eps}" + (f" ({extra})" if extra else "")
+
+
+def _line_label(ln: Line, width: int = 60) -> str:
+    """The plot's label of a line: the full label, wrapped (never cut)."""
+    return "\n".join(textwrap.wrap(_full_label(ln.key), width)) or "-"
 
 
 def plot(cmp: Comparison, path: str | os.PathLike, top: int = 25) -> Path:
@@ -318,18 +364,20 @@ def plot(cmp: Comparison, path: str | os.PathLike, top: int = 25) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
+    lines = [ln for ln in ordered(cmp.lines) if ln.relative is not None][:top][::-1]
+    n_label_lines = sum(_line_label(ln).count("\n") + 1 for ln in lines)
     with matplotlib.style.context(str(STYLE_FILE)):
-        fig = Figure(figsize=(14, max(4.5, 0.32 * min(top, len(cmp.lines)) + 1.5)))
+        fig = Figure(figsize=(15, max(4.5, 0.14 * n_label_lines + 0.18 * len(lines) + 1.5)))
         FigureCanvasAgg(fig)
         ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
-        lines = [ln for ln in ordered(cmp.lines) if ln.relative is not None][:top][::-1]
         if lines:
             y = list(range(len(lines)))
             rel = [100 * ln.relative for ln in lines]
             err = [0 if ln.diff.half_width is None else 100 * ln.diff.half_width / abs(ln.a.mean) for ln in lines]
             colors = ["#c62828" if ln.significant else "#757575" for ln in lines]
             ax.barh(y, rel, xerr=err, color=colors, alpha=0.8, capsize=2)
-            ax.set_yticks(y, [_line_label(ln) for ln in lines], fontsize=7)
+            labels = [_line_label(ln) for ln in lines]
+            ax.set_yticks(y, labels, fontsize=7)
             ax.axvline(0, color="black", lw=0.8)
             ax.set_xlabel("(B - A) / |A|, % (bars: 95% CI; red: CI excludes 0)")
         else:
