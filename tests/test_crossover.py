@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from dpbench.experiments import clipping_efficiency as cx
 from dpbench.errors import UserError
+from dpbench.training.bench import peak_extra_mb  # the one in-process probe, which the sweep uses
 from dpbench.workbench.results import Recorder
 
 
@@ -75,7 +76,7 @@ def test_sweep_rows_and_the_memory_cap():
 
 
 def test_peak_extra_memory_sees_a_large_allocation():
-    mb = cx.peak_extra_mb(lambda: torch.ones(16 * 2**20))  # 64 MB, touched
+    mb = peak_extra_mb(lambda: torch.ones(16 * 2**20))  # 64 MB, touched
     if mb is None:
         pytest.skip("this platform cannot reset the resident-set high-water mark")
     assert 40 < mb < 400

@@ -12,16 +12,15 @@ This module measures both sides with the engine's own rule code (`Conv2dRule` of
 one Conv2d swept over input sizes, finds the measured crossover, and lists the mixed rule's
 per-layer decisions for whole models (`engine.layer_table()`).
 
-Timing uses `dpbench.training.bench.time_step` (GPU-synchronised). Memory: on CUDA,
-`torch.cuda.max_memory_allocated` above what was allocated before the call; on CPU the
-growth of the process's resident-set high-water mark during the call, after returning freed
-heap memory to the system (`malloc_trim`), so it measures what the call itself touches.
+Timing uses `dpbench.training.bench.time_step` (GPU-synchronised), memory the bench's one
+in-process probe `dpbench.training.bench.peak_extra_mb` (on CUDA the allocator's peak above
+what was allocated before the call; on CPU the growth of the resident-set high-water mark
+after freed heap is returned to the system), so it measures what the call itself touches.
 """
 
 from __future__ import annotations
 
 import csv
-import ctypes
 import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -100,39 +99,6 @@ def measured_crossover(sizes: Sequence[float], ghost_times: Sequence[float | Non
 
 
 # ---------------------------------------------------------------------------- measurement
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_extra_mb(fn: Callable[[], Any], device: str | torch.device = "cpu") -> float | None:
-    """Extra memory (MB) `fn` needs at its peak, above what was live before the call.
-
-    CUDA: max_memory_allocated after a reset. CPU (Linux): growth of VmHWM after
-    malloc_trim and a reset of the high-water mark; None where /proc cannot be reset.
-    """
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        out = fn()
-        torch.cuda.synchronize(dev)
-        del out
-        return (torch.cuda.max_memory_allocated(dev) - before) / 2**20
-    _malloc_trim()
-    if not bench._reset_peak_rss():
-        return None
-    before = bench._proc_status_mb("VmRSS")
-    out = fn()
-    del out
-    peak = bench._peak_rss_mb()
-    return None if before is None else max(0.0, peak - before)
-
-
 def conv_norm_inputs(size: int, in_channels: int, out_channels: int, batch_size: int, kernel_size: int = 3,
                      stride: int = 1, padding: int = 1, device: str | torch.device = "cpu", seed: int = 0):
     """A Conv2d, an input A and an output gradient G (random, seeded) for the norm rules."""
@@ -202,7 +168,7 @@ def crossover_sweep(sizes: Sequence[int], in_channels: int = 64, out_channels: i
                 with torch.no_grad():
                     fn = lambda m=method: conv_norms(m, conv, x, grad)  # noqa: E731
                     norms[method] = fn()  # warm-up, and the value for the agreement check
-                    row["mem_mb"] = peak_extra_mb(fn, dev)
+                    row["mem_mb"] = bench.peak_extra_mb(fn, dev)
                     # the fastest repeat: load on a shared machine only ever adds time
                     row["time_s"] = min(bench.time_step(fn, dev) for _ in range(repeats))
             except (RuntimeError, MemoryError) as e:  # out of memory is a result, not a crash

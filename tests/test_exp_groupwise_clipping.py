@@ -1,0 +1,239 @@
+"""The group-wise clipping study's arms, privacy check, statistical rule, tables and claim rows
+(dpbench.experiments.groupwise_clipping). Synthetic runs for the tables; one tiny end-to-end
+study on the bundled digits for the runs, the ledgers and the memory probe."""
+
+import math
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+
+from dpbench.errors import UserError
+from dpbench.experiments import groupwise_clipping as gw
+from dpbench.models import create_model
+
+
+class ListRecorder:
+    """The one Recorder method the experiments call, without the workbench layer."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, metric, value, **kw):
+        self.rows.append({"metric": metric, "value": value, **kw})
+
+    def get(self, metric, **match):
+        return [r for r in self.rows if r["metric"] == metric and all(r.get(k) == v for k, v in match.items())]
+
+
+def test_parse_arm_settings_and_bad_names():
+    assert gw.parse_arm("flat") == {"style": "flat", "adaptive": False, "q": None, "renorm": False, "private": True}
+    assert gw.parse_arm("nonprivate")["private"] is False
+    ada = gw.parse_arm("layer-adaptive-q0.7-renorm")
+    assert (ada["style"], ada["adaptive"], ada["q"], ada["renorm"]) == ("layer", True, 0.7, True)
+    assert gw.parse_arm("device-adaptive-q0.5")["renorm"] is False
+    for bad in ["global", "layer-adaptive", "layer-adaptive-0.5", "layer-adaptive-qx", "layer-fixed-q0.5",
+                "layer-adaptive-q0.5-extra", "nonprivate-adaptive-q0.5"]:
+        with pytest.raises(UserError, match="unknown arm"):
+            gw.parse_arm(bad)
+    arms = ["flat", "layer-adaptive-q0.5", "device-adaptive-q0.5", "layer-adaptive-q0.6-renorm"]
+    assert gw.adaptive_arms(arms) == arms[1:]
+    assert gw.adaptive_arms(arms, "layer") == ["layer-adaptive-q0.5", "layer-adaptive-q0.6-renorm"]
+
+
+def test_two_stage_placement_splits_whole_layers_at_half_the_parameters():
+    model = create_model("small_cnn", num_classes=10, in_chans=1, img_size=8, width=8, depth=3)
+    placement = gw.two_stage_placement(model)
+    params = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
+    assert [n for n, _ in params] == list(placement)
+    stages = [placement[n] for n, _ in params]
+    first_late = stages.index("stage1")
+    assert set(stages[:first_late]) == {"stage0"} and set(stages[first_late:]) == {"stage1"}  # module order
+    for n, _ in params:  # whole layers: weight and bias share a stage
+        assert placement[n] == placement[n.rsplit(".", 1)[0] + ".weight"]
+    total = sum(c for _, c in params)
+    before = sum(c for n, c in params[:first_late])
+    last_layer = params[first_late - 1][0].rsplit(".", 1)[0]
+    last_size = sum(c for n, c in params if n.rsplit(".", 1)[0] == last_layer)
+    assert before - last_size < total / 2 <= before  # stage0's last layer starts below half, stage1 at or past it
+    layers = gw.stage_layers(placement)
+    assert layers["stage0"][0] == "blocks.0.conv" and "head" in layers["stage1"]
+
+
+def test_compare_means_reads_two_standard_errors():
+    diff, se, word = gw.compare_means([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert diff == pytest.approx(2.0) and se == pytest.approx(math.sqrt(1.0 / 3)) and word == "higher"
+    assert gw.compare_means([0.0], [0.5]) == (-0.5, 0.0, "lower")  # one seed: no variance, any gap counts
+    assert gw.compare_means([0.50, 0.60], [0.55, 0.56])[2] == "within noise"
+    diff, se, word = gw.compare_means([0.0, 2.0], [0.0])
+    assert se == pytest.approx(1.0) and word == "within noise"  # |1| <= 2 * 1
+    with pytest.raises(UserError):
+        gw.compare_means([], [1.0])
+
+
+def _study(**kw):
+    x = torch.zeros(4, 1, 8, 8)
+    y = torch.zeros(4, dtype=torch.long)
+    base = dict(train=(x, y), test=(x, y), model_spec={}, sample_rate=0.5, steps=3, sigmas={2.0: 3.0, 8.0: 1.0},
+                delta=1e-5, device=torch.device("cpu"), lr=0.02,
+                description={"dataset": "digits", "model_name": "small_cnn", "model_kwargs": {"width": 8},
+                             "epochs": 1.0, "batch_size": 2})
+    base.update(kw)
+    return gw.Study(**base)
+
+
+def _runs(acc):
+    """Synthetic runs: acc[(arm, eps)] = accuracies per seed (wall time 10 * accuracy)."""
+    out = []
+    for (arm, eps), values in acc.items():
+        for s, a in enumerate(values):
+            out.append({"arm": arm, "epsilon": eps, "seed": s, "test_acc": a, "wall_time_s": 10 * a,
+                        "s_per_step": a / 10})
+    return out
+
+
+ACC = {("nonprivate", None): [0.9, 0.92], ("flat", 8.0): [0.8, 0.82], ("layer", 8.0): [0.6, 0.61],
+       ("layer-adaptive-q0.5", 8.0): [0.81, 0.80], ("layer-adaptive-q0.5-renorm", 8.0): [0.5, 0.52],
+       ("device", 8.0): [0.7, 0.72], ("flat", 2.0): [0.5, 0.5], ("layer", 2.0): [0.55, 0.56],
+       ("layer-adaptive-q0.5", 2.0): [0.2, 0.21], ("layer-adaptive-q0.5-renorm", 2.0): [0.4, 0.4],
+       ("device", 2.0): [0.5, 0.5]}
+ARMS = ["flat", "layer", "layer-adaptive-q0.5", "layer-adaptive-q0.5-renorm", "device"]
+
+
+def test_accuracy_and_ordering_tables_and_verdicts():
+    runs_df = pd.DataFrame(_runs(ACC))
+    rec = ListRecorder()
+    table, nonpriv = gw.accuracy_table(runs_df, ARMS, rec)
+    assert list(nonpriv) == [0.9, 0.92] and len(table) == 10
+    row = table[(table.arm == "flat") & (table.epsilon == 8.0)].iloc[0]
+    assert row["mean"] == pytest.approx(0.81) and row["count"] == 2 and row["acc (mean ± sd)"].startswith("0.810 ± ")
+    assert len(rec.get("test_acc_mean")) == 10
+
+    order = gw.ordering_table(runs_df, ARMS, [2.0, 8.0], rec)
+    assert list(order[order.epsilon == 8.0].comparison) == [
+        "flat - per-layer fixed", "layer-adaptive-q0.5 - flat", "layer-adaptive-q0.5-renorm - flat",
+        "device - per-layer fixed"]
+    first = order.iloc[0]
+    assert first["diff"] == pytest.approx(0.5 - 0.555) and first["reading"] == "lower"
+    assert {r["metric"] for r in rec.rows} >= {"acc_diff_flat_minus_fixed", "acc_diff_adaptive_minus_flat",
+                                               "acc_diff_device_minus_layer"}
+    lines = gw.ordering_verdicts(order, [2.0, 8.0])
+    assert len(lines) == 2
+    assert "adaptive >= flat did NOT hold" in lines[0] and "flat > fixed did NOT hold" in lines[0]
+    # at eps=8 the renormalised arm is far below flat, but only arms without renormalisation count
+    assert "adaptive >= flat HELD" in lines[1] and "flat > fixed HELD" in lines[1]
+    assert gw.ordering_verdicts(gw.ordering_table(runs_df, ["flat", "device"], [8.0]), [8.0]) == []
+
+
+def test_claim_rows_are_per_seed_differences_at_the_papers_epsilon():
+    runs = _runs(ACC)
+    rec = ListRecorder()
+    gw.record_claim_rows(rec, runs, _study(), ARMS, [2.0, 8.0], [0, 1])
+    fixed = rec.get("test_acc_difference", claim_id=gw.CLAIM_FIXED)
+    assert [r["value"] for r in fixed] == pytest.approx([0.8 - 0.6, 0.82 - 0.61])
+    assert all(r["epsilon"] == 8.0 and r["comparison"] == "difference" for r in fixed)
+    ada = rec.get("test_acc_difference", claim_id=gw.CLAIM_ADAPTIVE)
+    assert [r["method"] for r in ada] == ["layer-adaptive-q0.5 - flat"] * 2  # the first arm without renorm
+    assert [r["value"] for r in ada] == pytest.approx([0.01, -0.02])
+    wall = rec.get("wall_time_difference_s", claim_id=gw.CLAIM_WALL_TIME)
+    assert [r["value"] for r in wall] == pytest.approx([0.1, -0.2]) and "cpu" in wall[0]["setting"]
+    assert gw.claim_epsilon([1.0, 4.0]) == 4.0 and gw.claim_epsilon([8.0, 16.0]) == 8.0
+    rec = ListRecorder()  # no fixed per-layer run, no adaptive arm: nothing to claim
+    only = [r for r in runs if r["arm"] in ("flat", "device")]
+    gw.record_claim_rows(rec, only, _study(), ["flat", "device"], [8.0], [0, 1])
+    assert rec.rows == []
+
+
+def _private_run(arm, eps, seed, events, spent, adaptive=None):
+    return {"arm": arm, "epsilon": eps, "seed": seed, "events": events, "epsilon_spent": spent, "adaptive": adaptive,
+            "ledger": f"ledger-{arm}-{eps}"}
+
+
+def test_privacy_check_refuses_different_ledgers_and_missed_budgets():
+    study = _study(sigmas={8.0: 1.0})
+    ev = [{"steps": 3, "noise_multiplier": 1.0}]
+    good = [_private_run("flat", 8.0, 0, ev, 8.0), _private_run("layer", 8.0, 0, ev, 8.05)]
+    df = gw.check_privacy(study, good, ["flat", "layer"], [8.0])
+    assert list(df.arm) == ["flat", "layer"] and df["sigma (ledger)"].tolist() == [1.0, 1.0]
+    other = [{"steps": 3, "noise_multiplier": 1.1}]
+    with pytest.raises(gw.PrivacyCheckError, match="different ledgers"):
+        gw.check_privacy(study, good + [_private_run("device", 8.0, 0, other, 8.0)], ["flat"], [8.0])
+    with pytest.raises(gw.PrivacyCheckError, match="one event of 3 steps"):
+        gw.check_privacy(study, [_private_run("flat", 8.0, 0, [{"steps": 2}], 8.0)], ["flat"], [8.0])
+    with pytest.raises(gw.PrivacyCheckError, match="1%"):
+        gw.check_privacy(study, [_private_run("flat", 8.0, 0, ev, 8.2)], ["flat"], [8.0])
+    ada = SimpleNamespace(sigma_g=1.0, sigma_b=1.0, groups=["a"])
+    runs = [_private_run("flat", 8.0, 0, ev, 8.0), _private_run("layer-adaptive-q0.5", 8.0, 0, ev, 8.0, ada)]
+    assert gw.representative_ledger(runs, [2.0, 8.0]) == "ledger-layer-adaptive-q0.5-8.0"
+    assert gw.representative_ledger(runs[:1], [8.0]) is None
+
+
+def test_jobs_curves_thresholds_and_speed_summary():
+    assert gw.jobs(["flat", "layer"], [2.0, 8.0], [0, 1], True) == [
+        ("nonprivate", None, 0), ("nonprivate", None, 1), ("flat", 2.0, 0), ("flat", 2.0, 1), ("layer", 2.0, 0),
+        ("layer", 2.0, 1), ("flat", 8.0, 0), ("flat", 8.0, 1), ("layer", 8.0, 0), ("layer", 8.0, 1)]
+    assert gw.jobs(["flat"], [8.0], [3], False) == [("flat", 8.0, 3)]
+    curves = pd.DataFrame([{"arm": "flat", "epsilon": 8.0, "seed": s, "step": st, "test_acc": 0.1 * st + s,
+                            "wall_time_s": st + s} for s in (0, 1) for st in (1, 2)]
+                          + [{"arm": "nonprivate", "epsilon": None, "seed": 0, "step": 2, "test_acc": 0.9,
+                              "wall_time_s": 1.0}])
+    g = gw.mean_curve(curves, "flat", 8.0)
+    assert list(g.step) == [1, 2] and list(g.acc) == pytest.approx([0.6, 0.7]) and list(g.t) == [1.5, 2.5]
+    assert list(gw.mean_curve(curves, "nonprivate", None).acc) == [0.9]
+    traj = pd.DataFrame([{"arm": "a", "epsilon": 8.0, "seed": s, "step": st, "group": gr, "threshold": c}
+                         for s, (c0, c1) in enumerate([(3.0, 4.0), (6.0, 8.0)]) for st in (0, 1)
+                         for gr, c in (("g0", c0 * (st + 1)), ("g1", c1 * (st + 1)))])
+    mean, total = gw.mean_thresholds(traj, "a", 8.0)
+    assert list(mean.columns) == ["g0", "g1"] and mean.loc[0, "g0"] == 4.5
+    assert list(total) == pytest.approx([(5.0 + 10.0) / 2, (10.0 + 20.0) / 2])  # sqrt(sum C_k^2), then the mean
+    assert gw.final_thresholds(traj).loc[("a", 8.0), "g1"] == pytest.approx(12.0)
+
+    runs_df = pd.DataFrame(_runs({("nonprivate", None): [0.2, 0.2], ("flat", 8.0): [0.4, 0.6]}))
+    rec = ListRecorder()
+    summary = gw.speed_memory_summary(runs_df, [{"arm": "nonprivate", "peak_mem_mb": 2.0},
+                                                {"arm": "flat", "peak_mem_mb": float("nan")}], rec)
+    assert summary.loc["flat", "time_vs_nonprivate"] == pytest.approx(2.5)
+    assert [r["method"] for r in rec.get("seconds_per_step_mean")] == ["nonprivate", "flat"]
+
+
+@pytest.fixture(scope="module")
+def tiny_study():
+    torch.set_num_threads(1)
+    return gw.make_study(dataset="digits", model_name="small_cnn", model_kwargs={"width": 4, "depth": 2},
+                         batch_size=256, epochs=0.5, target_epsilons=[8.0], optimizer="adam", lr=0.02)
+
+
+def test_make_study_fixes_the_setting(tiny_study):
+    s = tiny_study
+    assert s.n == 1438 and s.sample_rate == pytest.approx(256 / 1438) and s.steps == round(0.5 / s.sample_rate)
+    assert s.num_layers == 5 and s.n_params == sum(p.numel() for p in create_model(**s.model_spec).parameters())
+    rows = gw.noise_scale_rows(s, ListRecorder())
+    assert rows[0]["sigma*sqrt(d)/B"] == pytest.approx(s.sigmas[8.0] * math.sqrt(s.n_params) / 256)
+    assert "K = 5 layers" in gw.study_text(s)
+    with pytest.raises(UserError, match="unknown training settings"):
+        gw.make_study(dataset="digits", model_name="small_cnn", batch_size=8, epochs=1, target_epsilons=[1.0],
+                      learning_rate=0.1)
+    with pytest.raises(UserError, match="delta"):
+        gw.make_study(dataset="digits", model_name="small_cnn", batch_size=8, epochs=1, target_epsilons=[1.0],
+                      delta=0.01)
+
+
+def test_every_private_arm_records_the_same_ledger(tiny_study):
+    arms = ["flat", "layer-adaptive-q0.5", "device"]
+    rec = ListRecorder()
+    result = gw.run_all(tiny_study, gw.jobs(arms, [8.0], [0]), rec, progress=False)
+    assert [(r["arm"], r["seed"]) for r in result.runs] == [("nonprivate", 0)] + [(a, 0) for a in arms]
+    assert rec.get("test_acc", method="nonprivate")[0]["epsilon"] == math.inf
+    assert len(rec.get("epsilon_spent")) == 3
+    assert {r["group"] for r in rec.get("threshold")} == set(tiny_study.layer_names)
+    check = gw.check_privacy(tiny_study, result.runs, arms, [8.0], rec)
+    wrong = check.set_index("arm")["eps if separate events (WRONG)"]
+    assert wrong["layer-adaptive-q0.5"] < 8.0 and pd.isna(wrong["flat"])  # the wrong accounting understates
+    assert gw.representative_ledger(result.runs, [8.0]) is not None
+    runs_df, curves, traj = result.frames()
+    assert "ledger" not in runs_df and len(traj) == (tiny_study.steps + 1) * tiny_study.num_layers
+    mem = gw.memory_rows(tiny_study, ["nonprivate", "device"], rec, batch_size=64, progress=False)
+    assert [m["arm"] for m in mem] == ["nonprivate", "device"]
+    for m, r in zip(mem, rec.get("peak_mem_mb")):
+        assert (r["status"] == "failed") if math.isnan(m["peak_mem_mb"]) else (m["peak_mem_mb"] >= 0)
