@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 
 from dpbench.clipping import ClippingEngine
-from dpbench.training.distributed import free_port, share_seed
+from dpbench.training.distributed import DataParallel, free_port, share_seed
 from dpbench.training.pipeline import stage_name, stage_placement
-from dpbench.training.loop import fit
+from dpbench.training.loop import BatchSpec, ClipSpec, EvalSpec, OptimSpec, PrivacySpec, fit
 
 WORLD = 2
 METHODS = ("instantiate", "ghost", "mixed", "bk")
@@ -50,11 +50,12 @@ def _stages():
     return [nn.Sequential(nn.Linear(6, 5), nn.Tanh()).double(), nn.Sequential(nn.Linear(5, 3)).double()]
 
 
-def _fit(model, distributed=None, **kw):
+def _fit(model, distributed=None, noise_multiplier=0.0, clip_method="auto", clip_style="flat", engine=None):
     x, y = _data()
-    kw.setdefault("noise_multiplier", 0.0)
-    return fit(model, (x, y), steps=STEPS, sample_rate=Q, max_physical_batch=PHYS, delta=1e-3, lr=0.5,
-               progress=False, track_epsilon=False, distributed=distributed, **kw)
+    return fit(model, (x, y), batching=BatchSpec(steps=STEPS, sample_rate=Q, max_physical_batch=PHYS),
+               privacy=PrivacySpec(noise_multiplier=noise_multiplier, delta=1e-3, track_epsilon=False),
+               clipping=ClipSpec(method=clip_method, style=clip_style, engine=engine), optim=OptimSpec(lr=0.5),
+               evaluation=EvalSpec(progress=False), device=distributed if distributed is not None else "cpu")
 
 
 class _NoiseEngine:
@@ -287,21 +288,37 @@ def test_launcher_rejects_bad_config(tmp_path):
         check_config({"fit": {"distributed": 1}})
     cmd = torchrun_command("c.yaml", 4)
     assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-                       "-m", "dpbench.training.distributed", "c.yaml"]
+                       "-m", "dpbench.workbench.distributed_run", "c.yaml"]
+    with pytest.raises(UserError, match="set by the launcher"):
+        check_config({"fit": {"hooks": []}})
 
 
-def test_callbacks_are_refused_under_data_parallel():
+class _FakeDistributed(DataParallel):
+    """A DataParallel that never touches torch.distributed (only the refusals are exercised)."""
+
+    def __init__(self):
+        self.rank, self.world_size, self.device, self.noise, self.group = 0, 2, None, "rank0", None
+
+
+def test_hooks_plans_and_nonprivate_runs_are_refused_under_data_parallel():
     """Adaptive thresholds from one rank's norms would diverge across ranks: refuse them."""
-    import pytest
-    import torch
-
     from dpbench.errors import UserError
-    from dpbench.training.loop import fit
-
-    class _FakeDistributed:
-        rank, world_size = 0, 2
+    from dpbench.training.mixing import MixingPlan, make_schedule
 
     x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
-    with pytest.raises(UserError, match="callbacks"):
-        fit(torch.nn.Linear(4, 2), (x, y), steps=1, expected_batch_size=4, noise_multiplier=1.0,
-            distributed=_FakeDistributed(), callbacks=[lambda info: None], progress=False)
+    batching = BatchSpec(steps=1, expected_batch_size=4)
+    with pytest.raises(UserError, match="hooks"):
+        fit(torch.nn.Linear(4, 2), (x, y), batching=batching, privacy=PrivacySpec(noise_multiplier=1.0),
+            evaluation=EvalSpec(progress=False), device=_FakeDistributed(), hooks=[lambda info: None])
+    with pytest.raises(UserError, match="data-parallel"):
+        fit(torch.nn.Linear(4, 2), (x, y), batching=batching, privacy=None, device=_FakeDistributed())
+    with pytest.raises(UserError, match="data-parallel"):
+        fit(torch.nn.Linear(4, 2), (x, y), batching=BatchSpec(expected_batch_size=4),
+            privacy=PrivacySpec(noise_multiplier=1.0), device=_FakeDistributed(),
+            plan=MixingPlan(make_schedule("only_private", 2)))
+
+
+def test_the_training_layer_has_no_torchrun_entry():
+    import dpbench.training.distributed as mod
+
+    assert not hasattr(mod, "run_config") and not hasattr(mod, "main")

@@ -30,7 +30,8 @@ What changes when one logical batch is spread over `world_size` processes, and w
 - Accounting. The ledger sees one subsampled-Gaussian step per logical batch with rate q
   (not q/w: the union is the batch) and records `world_size`.
 
-Entry point for torchrun: `python -m dpbench.training.distributed CONFIG.yaml` (see dpbench.workbench.launch).
+Entry point for torchrun: `python -m dpbench.workbench.launch CONFIG.yaml` (it reads the config, calls
+`fit(..., device=DataParallel)` and writes the outputs; this module holds no config or file handling).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import sys
+import socket
 from typing import Any, Sequence
 
 import torch
@@ -89,20 +90,18 @@ def init_from_env(backend: str | None = None, device: str | None = None, timeout
 
 def free_port() -> int:
     """A TCP port that was free a moment ago on localhost (for MASTER_PORT / tests)."""
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 class DataParallel:
-    """The data-parallel settings `dpbench.training.loop.fit(..., distributed=DataParallel())` uses.
+    """The data-parallel settings `dpbench.training.loop.fit(..., device=DataParallel())` uses.
 
     Args:
         group: the process group (None: the default group; must be initialised).
         noise: "rank0" or "shares" (see the module docstring).
-        device: this rank's device (informational; `fit` takes its own `device`).
+        device: this rank's device (`fit` runs on it; None = cpu).
     """
 
     def __init__(self, group: Any = None, noise: str = "rank0", device: str | torch.device | None = None):
@@ -202,64 +201,3 @@ class DistributedDPOptimizer(DPOptimizer):
         self.distributed.all_reduce_tensors([p.grad for p in self.params])
         for p in self.params:
             p.grad.div_(self.expected_batch_size)
-
-
-# ------------------------------------------------------------------------ torchrun entry
-
-
-def run_config(config: dict[str, Any], dp: DataParallel | None = None) -> Any:
-    """Run one training config on this rank (see dpbench.workbench.launch for the keys).
-
-    Rank 0 writes metrics.csv, ledger.json and manifest.json (with world_size) to
-    config["output_dir"]. Returns the TrainResult.
-    """
-    from dpbench.workbench.launch import check_config, write_outputs
-    from dpbench.training.loop import fit
-
-    cfg = check_config(config)
-    if dp is None:
-        dp = init_from_env(backend=cfg.get("backend"), device=cfg["device"])
-        dp.noise = cfg["noise"]
-    device = dp.device if dp.device is not None else torch.device(cfg["device"])
-    from dpbench import data as dpdata
-    from dpbench import models
-
-    torch.manual_seed(cfg["seed"])
-    train = dpdata.load_dataset(cfg["dataset"], split="train", **cfg.get("dataset_kwargs", {}))
-    test = dpdata.load_dataset(cfg["dataset"], split="test", **cfg.get("dataset_kwargs", {})) if cfg["evaluate"] else None
-    c, h, _w = train.input_shape
-    model = models.create_model(cfg["model"], num_classes=train.num_classes, in_chans=c, img_size=h,
-                                **cfg.get("model_kwargs", {}))
-    if cfg["dtype"] == "float64":
-        model = model.double()
-        train.x = train.x.double()
-        if test is not None:
-            test.x = test.x.double()
-    result = fit(model, train, test_data=test, distributed=dp, device=device, progress=dp.rank == 0,
-                 **cfg["fit"])
-    if dp.rank == 0:
-        write_outputs(cfg, result, world_size=dp.world_size, backend=dist.get_backend())
-    return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m dpbench.training.distributed CONFIG.yaml` (what torchrun starts on every rank)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1:
-        print("usage: python -m dpbench.training.distributed CONFIG.yaml (normally started by `dpbench train`)", file=sys.stderr)
-        return 2
-    from dpbench.workbench.launch import load_config
-
-    try:
-        run_config(load_config(argv[0]))
-    except UserError as exc:
-        print(f"dpbench: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,10 +2,10 @@
 
 `dpbench train` starts torchrun underneath:
 
-    python -m torch.distributed.run --standalone --nproc-per-node N -m dpbench.training.distributed CONFIG.yaml
+    python -m torch.distributed.run --standalone --nproc-per-node N -m dpbench.workbench.distributed_run CONFIG.yaml
 
-and every rank runs `dpbench.training.distributed.run_config`: data set and model from the config,
-`dpbench.training.loop.fit(..., distributed=DataParallel)`, rank 0 writes `metrics.csv`,
+and every rank runs `dpbench.workbench.distributed_run.run_config`: data set and model from the config,
+`dpbench.training.loop.fit(..., device=DataParallel)`, rank 0 writes `metrics.csv`,
 `ledger.json` and `manifest.json` (world size, backend, resolved config, ledger,
 environment) to `output_dir`.
 
@@ -19,9 +19,10 @@ A notebook launches a multi-process run and reads its metrics back with
 Config keys (YAML mapping): dataset (default "digits"), dataset_kwargs, model (default
 "mlp"), model_kwargs, device ("cpu" -> gloo; "cuda" -> NCCL, one GPU per rank), dtype
 ("float32" | "float64"), seed, noise ("rank0" | "shares"), backend (None = automatic),
-evaluate (bool), output_dir, name, and `fit`: keyword arguments of `dpbench.training.loop.fit`
-(steps or epochs, sample_rate or expected_batch_size, noise_multiplier or target_epsilon,
-max_grad_norm, clip_method, clip_style, lr, optimizer, max_physical_batch, delta, ...).
+evaluate (bool), output_dir, name (the run label), and `fit`: `dpbench.training.loop.fit`'s
+settings by their flat names (`dpbench.training.loop.specs_from_flat`: steps or epochs,
+sample_rate or expected_batch_size, noise_multiplier or target_epsilon, max_grad_norm,
+clip_method, clip_style, lr, optimizer, max_physical_batch, delta, ...).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dpbench.atomic import write_json_atomic
 from dpbench.errors import UserError
+from dpbench.workbench import provenance
+from dpbench.workbench.results import Recorder, load_metrics
 
 DEFAULTS: dict[str, Any] = {
     "name": "train", "dataset": "digits", "dataset_kwargs": {}, "model": "mlp", "model_kwargs": {},
@@ -42,7 +46,8 @@ DEFAULTS: dict[str, Any] = {
 }
 # fit() arguments the launcher sets itself.
 _RESERVED_FIT = ("distributed", "device", "progress", "model", "train_data", "test_data", "recorder", "engine",
-                 "ledger", "callbacks")
+                 "ledger", "callbacks", "hooks", "plan", "label", "private", "batching", "privacy", "clipping",
+                 "optim", "evaluation")
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -85,10 +90,6 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def write_outputs(cfg: dict[str, Any], result: Any, *, world_size: int, backend: str) -> Path:
     """metrics.csv, ledger.json and manifest.json of one distributed run (rank 0 only)."""
-    from dpbench.workbench import provenance
-    from dpbench.atomic import write_json_atomic
-    from dpbench.workbench.results import Recorder
-
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     rec = Recorder(out, experiment=str(cfg["name"]), delta=result.delta)
@@ -115,7 +116,7 @@ def torchrun_command(config_path: str | os.PathLike, nproc: int, extra: list[str
     if int(nproc) != nproc or nproc < 1:
         raise UserError(f"--nproc must be a positive integer, got {nproc!r}")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(int(nproc)),
-            *(extra or []), "-m", "dpbench.training.distributed", str(config_path)]
+            *(extra or []), "-m", "dpbench.workbench.distributed_run", str(config_path)]
 
 
 def launch(config_path: str | os.PathLike, nproc: int, *, timeout: float | None = None,
@@ -144,8 +145,6 @@ def run_distributed(config: dict[str, Any], nproc: int = 2, *, timeout: float | 
     manifest.json and ledger.json beside metrics.csv).
     """
     import yaml
-
-    from dpbench.workbench.results import load_metrics
 
     cfg = dict(config)
     if not cfg.get("output_dir"):
