@@ -181,6 +181,7 @@ def test_report_cli_summary_and_output(results, capsys, tmp_path):
     for v in verdicts.EMPIRICAL_VERDICTS:
         assert any(ln.strip().endswith(v) and ln.strip().split()[0].isdigit() for ln in out), v
     assert "3 analogues: not comparable" in table
+    assert "paper 2.643x, ours 1.5x" in next(ln for ln in out if ln.startswith("X-time-s "))
     assert "1 consistency checks (closed forms, accountant properties; never counted as reproductions): 1 consistent" in table
     assert "1 cited context" in table
     assert "X-typo-claim" in table

@@ -296,6 +296,14 @@ def test_value_claims_within_tolerance_and_analogues():
     assert analogue.verdict == NOT_COMPARABLE and "95 %" in analogue.ours
 
 
+def test_ours_carries_the_papers_unit_only_when_it_is_in_it():
+    claim = {"claim_id": "C-t4-x-time-s", "method": "Mixed", "value": "37", "unit": "s/epoch", "test": "value"}
+    v = V.judge(claim, rows([0.21, 0.2, 0.22], metric="step_time_s"))
+    assert v.verdict == NOT_COMPARABLE and "(step_time_s)" in v.ours and "s/epoch" not in v.ours
+    declared = V.judge(claim, rows([0.21, 0.2, 0.22], metric="step_time_s", unit="s/step"))
+    assert "s/step" in declared.ours and "s/epoch" not in declared.ours
+
+
 def test_consistency_checks_and_cited_context():
     check = {"claim_id": "E-sigma", "method": "DP-LS", "value": "8.5", "kind": "derived check", "test": "value",
              "margin": "0.05", "margin_source": "rounding", "setting_keys": "epsilon=1"}

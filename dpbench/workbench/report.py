@@ -696,7 +696,8 @@ def text_summary(rep: Report) -> str:
             c = cr.claim
             paper = (f"{c.get('value', '').strip()} {c.get('unit', '').strip()}".strip()
                      if c.get("value", "").strip() else c.get("method", ""))
-            lines.append(f"{cr.claim_id:<{w_id}}  {_clip(paper, 24):<24}  {_clip(_short_ours(cr.verdict), 34):<34}  "
+            ours = cr.ratio.split(": ", 1)[1] if cr.ratio else _short_ours(cr.verdict)  # units that cannot match
+            lines.append(f"{cr.claim_id:<{w_id}}  {_clip(paper, 24):<24}  {_clip(ours, 34):<34}  "
                          f"{cr.verdict.verdict}")
     lines.append("-" * (w_id + 94))
     lines += rep.tally()

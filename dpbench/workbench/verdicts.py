@@ -892,8 +892,17 @@ def _judge_number(spec, kept, setting, refused, n_rows, refusal) -> Verdict:
         est = Estimate(est.mean * factor, None if est.half_width is None else est.half_width * factor, est.n,
                        None if est.sd is None else est.sd * factor, est.exact,
                        {s: v * factor for s, v in est.by_seed.items()}, est.note)
-    ours = (est.describe(spec.unit) if est else "-") + (f"; {unit_note}" if unit_note else "")
     same_setting = comps & {"value", "at_most", "at_least"}
+    # the paper's unit only where ours is known to be in it; else our metric's name (s/step is not s/epoch)
+    row_units = {_text(r.get("unit")) for r in kept} - {""}
+    metrics = sorted({_text(r.get("metric")) for r in kept} - {""})
+    if unit_note or (same_setting and "analogue" not in comps) or row_units == {spec.unit}:
+        our_unit = spec.unit
+    elif len(row_units) == 1:
+        our_unit = row_units.pop()
+    else:
+        our_unit = f"({', '.join(metrics)})" if metrics else ""
+    ours = (est.describe(our_unit) if est else "-") + (f"; {unit_note}" if unit_note else "")
     if not same_setting or "analogue" in comps:
         return Verdict(NOT_COMPARABLE, "analogue: our rows come from a smaller or different setting than the paper's "
                        "(rows say comparison=value only in the paper's own setting); shown beside it, not judged"
