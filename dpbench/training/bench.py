@@ -33,13 +33,12 @@ import copy
 import ctypes
 import gc
 import json
-import math
 import os
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
