@@ -274,3 +274,31 @@ def test_smoke_profile_matches_parameters_cell():
         p = yaml.safe_load((REPO / "params" / "06_privacy_audit" / f"{prof}.yaml").read_text()) or {}
         assert set(p) - {"requires"} <= set(defaults), prof
     assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
+
+
+def test_canary_scores_use_the_audited_model_with_the_engine_paused(monkeypatch):
+    """No twin model: one model per audit; its engine is paused for canary directions/losses."""
+    from dpbench.clipping import ClippingEngine
+    from dpbench.training import audit_runs
+
+    built, paused = [], []
+    real_new, real_paused = audit_runs.AuditTask.new_model, ClippingEngine.paused
+
+    def counting_new(self):
+        built.append(1)
+        return real_new(self)
+
+    def counting_paused(self):
+        paused.append(1)
+        return real_paused(self)
+
+    monkeypatch.setattr(audit_runs.AuditTask, "new_model", counting_new)
+    monkeypatch.setattr(ClippingEngine, "paused", counting_paused)
+    for canary in ("gradient", "input"):
+        built.clear()
+        audit_runs.AuditTask(canary)
+        setup = len(built)  # the task's own set-up (theta_0, the canary scale)
+        built.clear(), paused.clear()
+        audit_runs.audit_mechanism("correct/bk", 2.0, trials=3, canary=canary, steps=2, sample_rate=0.5)
+        assert len(built) == setup + 1  # the audited model, and no twin
+        assert paused  # canary directions / losses ran with the engine paused

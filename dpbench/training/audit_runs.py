@@ -158,34 +158,39 @@ class AuditTask:
         crafted = self.scale * (out @ self.output_direction)
         return torch.where(rows == 0, crafted, ce)
 
-    def canary_direction(self, twin, params: dict):
-        """Unit vector of the canary's per-sample gradient at `params` (flattened, model order)."""
+    def canary_direction(self, model, params: dict):
+        """Unit vector of the canary's per-sample gradient at `params` (flattened, model order).
+
+        `model` is evaluated at `params` (functional_call) and its own parameters and .grad are
+        left alone; run it with the model's clipping engine paused (`ClippingEngine.paused`).
+        """
         import torch
 
         p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-        loss = self._losses_functional(twin, p, torch.tensor([0], device=self.device))[0]
+        loss = self._losses_functional(model, p, torch.tensor([0], device=self.device))[0]
         grads = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
         g = torch.cat([(torch.zeros_like(v) if gr is None else gr).reshape(-1) for v, gr in zip(p.values(), grads)])
         return g / g.norm()
 
-    def _losses_functional(self, twin, params: dict, rows):
-        """`losses` evaluated on the hook-free twin model at the given parameters."""
+    def _losses_functional(self, model, params: dict, rows):
+        """`losses` evaluated on `model` at the given parameters."""
         from torch.func import functional_call
 
-        class _F:  # adapter so `losses` can run the hook-free twin with given parameters
+        class _F:  # adapter so `losses` can run the model with given parameters
             def __call__(_, x):
-                return functional_call(twin, params, (x,))
+                return functional_call(model, params, (x,))
 
         return self.losses(_F(), rows)
 
-    def canary_loss(self, twin, params: dict) -> float:
-        """Cross-entropy of the canary at `params` (the black-box score's ingredient)."""
+    def canary_loss(self, model, params: dict) -> float:
+        """Cross-entropy of the canary at `params` (the black-box score's ingredient; `model`
+        is evaluated at `params`, with its clipping engine paused)."""
         import torch
         import torch.nn.functional as F
         from torch.func import functional_call
 
         with torch.no_grad():
-            out = functional_call(twin, {k: v.detach() for k, v in params.items()}, (self.x[:1],))
+            out = functional_call(model, {k: v.detach() for k, v in params.items()}, (self.x[:1],))
             return float(F.cross_entropy(out, self.y[:1]))
 
 
@@ -379,7 +384,6 @@ def audit_mechanism(
     sigma, claim = claimed_epsilon(float(target_epsilon), float(stated), int(steps), float(delta), accountant)
 
     model = task.new_model()
-    twin = task.new_model()  # no hooks: canary directions and losses
     engine = ClippingEngine(model, max_grad_norm=max_grad_norm, method=method, audit=fault is not None,
                             unclipped_layer="head" if fault == "unclipped_layer" else None)
     memo = _MemoEngine(engine, enabled=memoize)
@@ -414,11 +418,18 @@ def audit_mechanism(
             o += p.numel()
         return out
 
-    loss0 = task.canary_loss(twin, as_dict(theta0)) if canary == "input" else None
+    # Canary directions and losses run on the same model with the engine paused: nothing is
+    # recorded and no .grad is written (autograd.grad on copies of the parameters).
+    def canary_loss(theta) -> float:
+        with engine.paused():
+            return task.canary_loss(model, as_dict(theta))
+
+    loss0 = canary_loss(theta0) if canary == "input" else None
 
     def direction(theta, key):
         if key not in directions:
-            directions[key] = task.canary_direction(twin, as_dict(theta))
+            with engine.paused():
+                directions[key] = task.canary_direction(model, as_dict(theta))
         return directions[key]
 
     bar = None
@@ -460,7 +471,7 @@ def audit_mechanism(
                 scores["first"][i] = updates[0]
                 scores["max"][i] = max(updates)
             else:
-                scores["loss_drop"][i] = loss0 - task.canary_loss(twin, as_dict(flat))
+                scores["loss_drop"][i] = loss0 - canary_loss(flat)
             if bar is not None:
                 bar.update(1)
     finally:
