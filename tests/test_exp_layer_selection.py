@@ -16,7 +16,7 @@ from dpbench.errors import UserError
 from dpbench.experiments import layer_selection as ls
 from dpbench.privacy import selection as tuning
 from dpbench.training import mixing
-from dpbench.training.sampling import steps_for_epochs
+from dpbench.privacy.accounting import steps_for_epochs
 
 
 class Rows:

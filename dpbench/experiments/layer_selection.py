@@ -34,7 +34,6 @@ from dpbench.privacy import accounting
 from dpbench.privacy import selection as tuning
 from dpbench.training import mixing
 from dpbench.training.loop import BatchSpec, ClipSpec, EvalSpec, OptimSpec, PrivacySpec, evaluate, fit
-from dpbench.training.sampling import steps_for_epochs
 
 BACKBONES = ("auto", "upstream", "public", "hub")
 CHECKPOINT_NAME = "public_checkpoint.safetensors"  # what notebook 03 writes into its results folder
@@ -250,7 +249,7 @@ def prepare(*, dataset: str, train: Any, test: Any, backbone: str, upstream: str
     return Setup(model=model, source=source, public_desc=desc, public_set=public_set, private_set=private_set,
                  private_train=private_train, private_val=private_val, test=test,
                  missing=subsets_missing(model, subsets), backbone_acc=acc0, delta=delta, device=device,
-                 eval_batch_size=eval_batch_size, steps=steps_for_epochs(epochs, q), sample_rate=q,
+                 eval_batch_size=eval_batch_size, steps=accounting.steps_for_epochs(epochs, q), sample_rate=q,
                  optimizer=optimizer, lr=lr, momentum=momentum, max_grad_norm=max_grad_norm,
                  max_physical_batch=max_physical_batch or None)
 

@@ -32,6 +32,7 @@ from dpbench.errors import UserError
 from dpbench.models import create_model
 from dpbench.privacy import accounting
 from dpbench.training import diagnostics, mixing
+from dpbench.training.loop import TrainResult
 
 SCHEDULES = ("only_private", "only_public", "sequential", "sample_ratio", "cosine")
 RESETS = ("m", "v", "t", "none")
@@ -72,7 +73,7 @@ class Arms:
     device: Any = "cpu"
     dataset: str = ""
     model_name: str = ""
-    runs: dict[tuple, mixing.MixedResult] = field(default_factory=dict)  # every arm run so far, by key
+    runs: dict[tuple, TrainResult] = field(default_factory=dict)  # every arm run so far, by key
 
     @property
     def data(self) -> mixing.PublicPrivateData:
@@ -85,7 +86,7 @@ class Arms:
         return sum(p.numel() for p in create_model(**self.model_spec).parameters())
 
     def run(self, schedule: str, seed: int, *, fraction: float | None = None, mode: str = "dp",
-            reset: str | None = None, on_switch: Callable | None = None, method: str = "") -> mixing.MixedResult:
+            reset: str | None = None, on_switch: Callable | None = None, method: str = "") -> TrainResult:
         """One arm: a fresh model (created after `torch.manual_seed(seed)`) trained by
         `fit_mixed` on the split at `fraction` (default: the main one) under `schedule`."""
         fraction = self.public_fraction if fraction is None else fraction
