@@ -520,8 +520,8 @@ def _load_synthetic(
 
 _TV_PROVIDE = (
     "set DPBENCH_DATA or pass data_root to the folder holding the torchvision files "
-    "({layout}), copy an existing torchvision download there, or download it with "
-    "--download / download=True / DPBENCH_DOWNLOAD=1 when online"
+    "({layout}), copy an existing torchvision download there, or, when online, download it with "
+    "`dpbench run NB --profile P --download` (download=True or DPBENCH_DOWNLOAD=1 in Python)"
 )
 
 

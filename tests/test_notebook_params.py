@@ -47,6 +47,9 @@ def test_profile_keys_exist_with_matching_types(nb, profile):
     defaults = runner.parameters_cell(nb)
     params = _yaml(nb, profile)
     for key, value in params.items():
+        if key == "exclusive":
+            assert isinstance(value, bool), "exclusive: true or false"
+            continue
         if key == "requires":
             names = [value] if isinstance(value, str) else value
             for up in names:
@@ -70,3 +73,35 @@ def test_notebook_stored_without_outputs(nb):
     for cell in data["cells"]:
         if cell["cell_type"] == "code":
             assert not cell.get("outputs") and cell.get("execution_count") is None, "strip outputs before committing"
+
+
+MAX_CODE_LINES = 150
+
+
+def _code_lines(nb: Path) -> list[str]:
+    cells = json.loads(nb.read_text())["cells"]
+    lines = []
+    for cell in cells:
+        if cell["cell_type"] == "code":
+            src = "".join(cell["source"])
+            lines += [ln for ln in src.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    return lines
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=IDS)
+def test_notebook_is_thin(nb):
+    """Logic lives in dpbench (where tests reach it); a notebook calls it and plots."""
+    lines = _code_lines(nb)
+    assert len(lines) <= MAX_CODE_LINES, f"{nb.stem} has {len(lines)} code lines (at most {MAX_CODE_LINES})"
+    defs = [ln.strip() for ln in lines if ln.lstrip().startswith(("def ", "class ", "async def "))]
+    assert not defs, f"{nb.stem} defines {defs}: move them into dpbench.experiments"
+
+
+def test_no_library_module_names_a_notebook():
+    """Notebooks pass paths and names in; the library never names one."""
+    names = [p.stem for p in NOTEBOOKS]
+    offenders = []
+    for path in (REPO / "dpbench").rglob("*.py"):
+        text = path.read_text()
+        offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n in text]
+    assert not offenders, offenders

@@ -67,7 +67,7 @@ def test_jobs_run_in_parallel_isolated_in_dependency_order(probe_repo, monkeypat
 
 def test_failure_is_isolated_and_exclusive_notebook_runs_alone(probe_repo, monkeypatch):
     (probe_repo / "params" / "10_a" / "cpu.yaml").write_text("sleep: 0.0\nfail: true\n")
-    monkeypatch.setattr(runner, "EXCLUSIVE", {"12_c"})
+    (probe_repo / "params" / "12_c" / "cpu.yaml").write_text("sleep: 4.0\nexclusive: true\n")
     write_notebook(probe_repo / "notebooks" / "13_d.ipynb", PARAMS, PROBE)
     (probe_repo / "params" / "13_d").mkdir()
     (probe_repo / "params" / "13_d" / "smoke.yaml").write_text("sleep: 0.0\nfail: false\n")

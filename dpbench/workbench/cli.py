@@ -7,6 +7,7 @@ nothing in results/ changed).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dpbench.errors import EXIT_USER_ERROR, UserError
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="notebooks, their profiles and the last run's status")
 
     run = sub.add_parser("run", help="run one notebook (and any missing upstream)")
-    run.add_argument("notebook", help="notebook name, e.g. 00_privacy_accounting")
+    run.add_argument("notebook", help="notebook name as in notebooks/ (NN_name, without .ipynb)")
     _profile(run)
     run.add_argument(
         "-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
@@ -39,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--force", action="store_true", help="rerun even if an identical ok run exists")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _download(run)
 
     rep = sub.add_parser("reproduce", help="run every notebook of a profile, in dependency order")
     _profile(rep)
     rep.add_argument("--force", action="store_true", help="rerun even cached notebooks")
     rep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _download(rep)
     rep.add_argument("--jobs", type=int, default=1, metavar="N",
                      help="run up to N notebooks at once (isolated kernels; timing notebooks run alone)")
 
@@ -66,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="speed and memory benchmark (see `dpbench bench --help`)", add_help=False)
     return parser
+
+
+def _download(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--download", action="store_true",
+                        help="fetch missing torchvision data sets into the data root (needs network; "
+                             "same as DPBENCH_DOWNLOAD=1)")
 
 
 def _profile(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         from dpbench.workbench import runner
 
+        if getattr(args, "download", False):
+            os.environ["DPBENCH_DOWNLOAD"] = "1"  # seen by the pre-flight check and by every kernel
         if args.command == "list":
             return _list()
         if args.command == "run":

@@ -34,7 +34,14 @@ STYLE_FILE = Path(__file__).resolve().parent.parent / "dpbench.mplstyle"
 
 def scratch_dir(name: str = "interactive") -> Path:
     """The folder a notebook writes to when run interactively with no `output_dir`."""
-    root = Path(os.environ.get("DPBENCH_SCRATCH", Path.cwd() / ".scratch"))
+    # The repository's .scratch/ (git-ignored), wherever the kernel was started (nbval and
+    # JupyterLab start it in notebooks/); outside a checkout, the current folder's.
+    default = Path.cwd() / ".scratch"
+    for folder in (Path.cwd(), *Path.cwd().parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "notebooks").is_dir():
+            default = folder / ".scratch"
+            break
+    root = Path(os.environ.get("DPBENCH_SCRATCH", default))
     path = root / name
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -31,7 +31,7 @@ RESERVED = ("profile", "output_dir", "seed", "device")
 # Keys the user may set in a profile or with -p among the reserved ones; the runner owns
 # `profile` (the chosen profile) and `output_dir` (the run folder).
 USER_SETTABLE_RESERVED = ("seed", "device")
-META_KEYS = ("requires",)
+META_KEYS = ("requires", "exclusive")
 KERNEL_NAME = "dpbench"
 FAILED_DIR = ".failed"
 RESULTS_ENV = "DPBENCH_RESULTS"
@@ -189,15 +189,56 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def parse_value(text: str) -> Any:
+def parse_value(text: str, key: str = "") -> Any:
     """A `-p KEY VALUE` value, parsed as YAML so numbers, bools and lists work."""
     import yaml
 
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
-        # A value that is not valid YAML (e.g. "a: b: c") is taken as the plain string.
+    except yaml.YAMLError as exc:
+        # A list, mapping or quoted value that does not parse is a typo, not a string.
+        if text.lstrip()[:1] in ("[", "{", "'", '"'):
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise UserError(f"malformed YAML in -p {key or 'KEY'} {text!r}: {problem}; "
+                            f"close every bracket and quote, e.g. -p {key or 'KEY'} '[1, 2]'") from None
+        # Anything else that is not valid YAML (e.g. "a: b: c") is taken as the plain string.
         return text
+
+
+# Value ranges of the parameters whose meaning is fixed by their name, checked before any
+# kernel starts so that a bad value never reaches the notebook. (predicate, what it must be)
+def _in_open_unit(v: float) -> bool:
+    return 0 < v < 1
+
+
+RANGE_RULES: list[tuple[Any, Any, str]] = [
+    (lambda k: k == "delta" or k.endswith("_delta"), _in_open_unit, "in (0, 1)"),
+    (lambda k: k == "confidence" or k.endswith("_confidence"), _in_open_unit, "in (0, 1)"),
+    (lambda k: "epsilon" in k, lambda v: v > 0, "> 0"),
+    (lambda k: "fraction" in k, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (lambda k: k.endswith("_rate") and "lr" not in k, lambda v: 0 < v <= 1, "in (0, 1]"),
+    (lambda k: k in ("lr", "max_grad_norm", "clip_norm") or k.endswith("_lr"), lambda v: v > 0, "> 0"),
+    (lambda k: k.endswith("seeds"), lambda v: v >= 1, ">= 1"),
+    (lambda k: k in ("steps", "epochs", "repeats") or k.startswith(("n_", "num_"))
+     or k.endswith(("_steps", "_epochs", "_repeats", "batch_size", "_batch", "_examples", "_probes", "_sizes", "_grid")),
+     lambda v: v >= 0, ">= 0"),
+]
+
+
+def check_range(key: str, value: Any, where: str = "") -> None:
+    """UserError when a known parameter (delta, epsilons, fractions, rates, counts) is out
+    of range; each element of a list is checked. Other keys are not range-checked."""
+    if key in RESERVED:
+        return
+    for applies, ok, want in RANGE_RULES:
+        if not applies(key):
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not ok(v):
+                src = f" ({where})" if where else ""
+                raise UserError(f"parameter {key!r}{src} must be {want}, got {v!r}; fix the value")
+        return
 
 
 def _type_name(value: Any) -> str:
@@ -256,6 +297,7 @@ class RunSpec:
     params_path: Path | None
     params: dict[str, Any]  # resolved, including profile/seed/device (output_dir added at run time)
     requires: list[str] = field(default_factory=list)
+    exclusive: bool = False  # a timing notebook: `exclusive: true` in its params runs it alone
 
     @property
     def device(self) -> str:
@@ -289,11 +331,14 @@ def resolve(
         raise UserError(f"{params_path}: `requires` must be a list of notebook names")
     for up in requires:
         check_notebook(repo, up)
+    exclusive = raw.pop("exclusive", False)
+    if not isinstance(exclusive, bool):
+        raise UserError(f"{params_path}: `exclusive` must be true or false (true: the notebook times things and runs alone)")
 
     items = overrides.items() if isinstance(overrides, dict) else overrides
     sources = {k: (v, f"params/{notebook}/{profile}.yaml") for k, v in raw.items()}
     for key, text in items:
-        value = parse_value(text) if isinstance(text, str) else text
+        value = parse_value(text, key) if isinstance(text, str) else text
         sources[key] = (value, "-p")
 
     valid = sorted(set(defaults) - set(RESERVED)) + list(USER_SETTABLE_RESERVED)
@@ -307,6 +352,7 @@ def resolve(
             raise UserError(f"unknown parameter {key!r} ({where}) for {notebook}; valid parameters: {', '.join(valid)}")
         default = defaults.get(key, 0 if key == "seed" else "cpu")
         params[key] = coerce_value(key, value, default, where)
+        check_range(key, params[key], where)
 
     resolved = {
         "profile": profile,
@@ -314,7 +360,7 @@ def resolve(
         "device": params.pop("device", defaults.get("device", "cpu")),
     }
     resolved.update(params)
-    return RunSpec(notebook, profile, nb_path, params_path, resolved, list(requires))
+    return RunSpec(notebook, profile, nb_path, params_path, resolved, list(requires), exclusive)
 
 
 # --------------------------------------------------------------------------- pre-flight
@@ -507,6 +553,7 @@ class Runner:
             return RunResult(spec.notebook, spec.profile, "skipped", dest)
 
         import papermill as pm
+        from traitlets.config import Config
 
         profile_dir = self.results / spec.profile
         profile_dir.mkdir(parents=True, exist_ok=True)
@@ -519,6 +566,7 @@ class Runner:
         self._say(f"{spec.notebook} [{spec.profile}]: running")
         saved_env = os.environ.get(RESULTS_ROOT_ENV)
         os.environ[RESULTS_ROOT_ENV] = str(self.results)
+        sockets = Path(tempfile.mkdtemp(prefix="dpbench-kernel-"))  # short: Unix socket paths are capped
         try:
             pm.execute_notebook(
                 str(spec.nb_path),
@@ -528,6 +576,7 @@ class Runner:
                 progress_bar=self.progress,
                 cwd=str(spec.nb_path.parent),
                 log_output=False,
+                config=_kernel_config(Config, sockets),
             )
         except KeyboardInterrupt:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -535,6 +584,7 @@ class Runner:
         except Exception as exc:  # any notebook/kernel failure is recorded, not raised
             error = error_info(exc)
         finally:
+            shutil.rmtree(sockets, ignore_errors=True)
             if saved_env is None:
                 os.environ.pop(RESULTS_ROOT_ENV, None)
             else:
@@ -560,7 +610,9 @@ class Runner:
             output_dir=tmp,
             error=error,
         )
-        manifest["run_dir"] = str(tmp)  # the path the notebook saw as output_dir
+        # The notebook wrote into a temporary folder that is renamed into place; record both.
+        manifest["run_dir"] = str(final)
+        manifest["executed_in"] = str(tmp)
         from dpbench.atomic import write_json_atomic
 
         write_json_atomic(tmp / "manifest.json", manifest)
@@ -609,6 +661,16 @@ class Runner:
         if good:
             return str(good.get("status", "?"))
         return "-"
+
+
+def _kernel_config(config_cls, socket_dir: Path):
+    """Kernels talk to the runner over Unix sockets in a private folder of their own
+    instead of loopback TCP: nothing listens on a port, parallel jobs cannot cross wires,
+    and ipykernel no longer warns that TCP traffic is unencrypted."""
+    config = config_cls()
+    config.KernelManager.transport = "ipc"
+    config.KernelManager.ip = str(socket_dir / "kernel")
+    return config
 
 
 def _umask() -> int:
@@ -692,7 +754,6 @@ def reproduce(profile: str, force: bool = False, repo=None, progress: bool = Tru
 # --------------------------------------------------------------------------- parallel runs
 
 # Notebooks that measure time or memory: they run alone, never beside another job.
-EXCLUSIVE = {"01_clipping_efficiency", "02_groupwise_clipping"}
 JOB_RESULT_TAG = "DPBENCH_JOB_RESULT "
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 ADDRESS_IN_USE = "Address already in use"
@@ -712,7 +773,7 @@ def job_env(spec: RunSpec, jobs: int, runtime_dir: str, gpu: int | None = None, 
     for a CUDA notebook, its own GPU."""
     env = dict(os.environ)
     cores = cores or os.cpu_count() or 1
-    threads = cores if spec.notebook in EXCLUSIVE else max(1, cores // jobs)
+    threads = cores if spec.exclusive else max(1, cores // jobs)
     for k in THREAD_ENV:
         env[k] = str(threads)
     env["JUPYTER_RUNTIME_DIR"] = runtime_dir
@@ -753,7 +814,7 @@ def run_parallel(runner: Runner, specs: list[RunSpec], jobs: int, force: bool = 
     """Run planned specs with up to `jobs` child processes at once.
 
     A notebook starts when all its upstreams finished ok (it fails as UpstreamFailed when
-    one failed); notebooks in EXCLUSIVE start only on an idle machine and keep it to
+    one failed); notebooks whose params say `exclusive: true` start only on an idle machine and keep it to
     themselves. Each job is a separate process with its own Jupyter runtime folder, so
     kernels never share connection files, and a crash is that job's failure only. CUDA
     notebooks get one GPU each (at most one job per GPU). Results come back in plan order.
@@ -772,7 +833,7 @@ def run_parallel(runner: Runner, specs: list[RunSpec], jobs: int, force: bool = 
             started = True
             while started:
                 started = False
-                exclusive_running = any(s.notebook in EXCLUSIVE for s, _ in running.values())
+                exclusive_running = any(s.exclusive for s, _ in running.values())
                 for spec in list(pending):
                     ups = [u for u in spec.requires if u in names]
                     bad = [u for u in ups if u in done and not done[u].ok]
@@ -786,7 +847,7 @@ def run_parallel(runner: Runner, specs: list[RunSpec], jobs: int, force: bool = 
                         continue
                     if not all(u in done for u in ups) or len(running) >= jobs or exclusive_running:
                         continue
-                    if spec.notebook in EXCLUSIVE and running:
+                    if spec.exclusive and running:
                         continue
                     gpu = None
                     if spec.device.startswith("cuda") and n_gpu:
@@ -798,7 +859,7 @@ def run_parallel(runner: Runner, specs: list[RunSpec], jobs: int, force: bool = 
                     running[fut] = (spec, gpu)
                     pending.remove(spec)
                     started = True
-                    if spec.notebook in EXCLUSIVE:
+                    if spec.exclusive:
                         break
             if not running:
                 if pending:  # cannot happen with a topological plan; never spin
