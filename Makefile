@@ -1,6 +1,6 @@
 # dpbench: two commands for a newcomer.
 #   make reproduce   create .venv, install dpbench, run every notebook (cpu profile), write the report
-#   make test        the whole test suite, including nbval over notebooks/ (smoke defaults)
+#   make test        the layers contract (lint-imports), the test suite, then nbval over notebooks/ (smoke defaults)
 # Other targets: venv, report, compare, bench, list. PROFILE=smoke|cpu|gpu picks the profile.
 
 PYTHON ?= python3
@@ -42,6 +42,7 @@ reproduce: venv
 
 # pytest exits 5 when it collects nothing (e.g. no notebooks yet); that is not a failure.
 test: venv
+	$(VENV)/bin/lint-imports
 	@rc=0; $(PY) -m pytest tests -q || rc=$$?; \
 	if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi
 	@rc=0; $(PY) -m pytest --nbval-lax --nbval-current-env notebooks/ -q || rc=$$?; \
