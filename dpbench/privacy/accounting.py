@@ -40,6 +40,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from dpbench.atomic import write_json_atomic
 from dpbench.errors import UserError
 
 DEFAULT_DELTA = 1e-5
@@ -861,8 +862,6 @@ class PrivacyLedger:
 
     def save(self, path: str | os.PathLike) -> str:
         """Write `to_dict()` as JSON to `path` atomically; returns the path."""
-        from dpbench.atomic import write_json_atomic
-
         return str(write_json_atomic(path, self.to_dict()))
 
     @classmethod

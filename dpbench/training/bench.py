@@ -45,8 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpbench.errors import UserError
+from dpbench.atomic import write_json_atomic
+from dpbench.clipping import ClippingEngine
+from dpbench.errors import EXIT_USER_ERROR, UserError
+from dpbench.models import create_model
 from dpbench.training.losses import per_sample_cross_entropy
+from dpbench.training.optimizer import DPOptimizer
 
 NONPRIVATE = "nonprivate"
 OPACUS_METHODS = ("opacus_hooks", "opacus_ghost")
@@ -118,8 +122,6 @@ def build_model(name: str, resolution: int, num_classes: int = 10) -> nn.Module:
     """`tiny_cnn`, or any name `dpbench.models.create_model` knows (GroupNorm, random head)."""
     if name == "tiny_cnn":
         return TinyCNN(num_classes)
-    from dpbench.models import create_model
-
     return create_model(name, num_classes, in_chans=3, img_size=resolution, norm="group", zero_head=False)
 
 
@@ -189,9 +191,6 @@ def make_step(method: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         return step, cleanup
 
     if method in DPBENCH_METHODS + EXTRA_METHODS:
-        from dpbench.clipping import ClippingEngine
-        from dpbench.training.optimizer import DPOptimizer
-
         engine = ClippingEngine(model, max_grad_norm=max_grad_norm, method=method, style=style)
         dp_opt = DPOptimizer(torch.optim.SGD(engine.trainable_parameters(), lr=lr), engine, noise_multiplier, B, seed=0)
 
@@ -533,8 +532,6 @@ def run_benchmark(profile: str | Sequence[Cell] = "cpu", *, models: Sequence[str
         rows.append(run_cell_subprocess(c, cell_timeout) if isolate else run_cell(c))
         _fill_memory_ratios(rows)
         if json_path:  # after every cell, so a long run that stops keeps what it measured
-            from dpbench.atomic import write_json_atomic
-
             write_json_atomic(json_path, rows)
     return rows
 
@@ -622,8 +619,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return cli(args)
     except UserError as e:
-        from dpbench.errors import EXIT_USER_ERROR
-
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
 
