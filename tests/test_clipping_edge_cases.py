@@ -404,3 +404,21 @@ def test_ghost_norm_under_cancellation_matches_instantiation(eps):
     ref_layer = (ref.pow(2) + ps["lin.bias"].pow(2).sum(1)).sqrt()
     for method in out:
         assert rel_err(out[method], ref_layer) < 1e-9, (method, rel_err(out[method], ref_layer))
+
+
+# ---------------------------------------------------------------- found by the property test
+class EmbedConv1d(nn.Module):
+    """Conv1d on a transposed embedding with one token: the CPU weight-gradient kernel refused
+    the odd strides of its size-1 axes ("grad_weight must be contiguous")."""
+
+    def __init__(self):
+        super().__init__()
+        self.e, self.c, self.h = nn.Embedding(3, 2), nn.Conv1d(2, 1, 2, padding=1), nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.h(self.c(self.e(x).transpose(1, 2)).transpose(1, 2).flatten(1))
+
+
+def test_conv1d_on_a_transposed_single_token_input():
+    torch.manual_seed(0)
+    check_all(EmbedConv1d().double(), torch.tensor([[1], [0], [2]]), torch.tensor([2, 0, 1]))

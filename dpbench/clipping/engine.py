@@ -457,7 +457,7 @@ class ClippingEngine:
     def _root_pre(self, mod, args, kwargs):
         if not torch.is_grad_enabled() or self._muted:
             return
-        if self.check and not self._checked:
+        if self.check and not self._checked and len(self._replay) < 2:  # two calls: no replay (see _per_sample_check)
             # Inputs (copied: a forward may change them in place) and RNG states, to replay
             # this forward pass for the per-sample self-check.
             cp = lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t  # noqa: E731

@@ -63,6 +63,15 @@ def _per_sample_sq(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).pow(2).sum(1)
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t with row-major strides, including its size-1 axes (is_contiguous ignores those)."""
+    want, acc = [], 1
+    for n in reversed(t.shape):
+        want.append(acc)
+        acc *= n
+    return t if tuple(reversed(want)) == t.stride() else t.clone(memory_format=torch.contiguous_format)
+
+
 #: A ghost norm sum_ts (A A')_ts (G G')_ts whose terms cancel by more than this factor
 #: (sum |terms| > CANCELLATION * |sum|) is recomputed by instantiation for that sample, so
 #: its rounding error stays below about CANCELLATION * T * eps relative.
@@ -280,8 +289,11 @@ class _ConvRule(MatmulRule):
             out = None
             for a, g in zip(acts, grads):
                 B = g.shape[0]
-                x, pad = self._conv_args(module, a)
-                wb = w.detach().unsqueeze(0).expand(B, *w.shape).reshape(B * w.shape[0], *w.shape[1:])
+                # convolution_backward wants dense row-major tensors (a transposed input of a
+                # size-1 axis makes the CPU kernel fail with "grad_weight must be contiguous").
+                g = _dense(g)
+                x, pad = self._conv_args(module, _dense(a))
+                wb = _dense(w.detach().unsqueeze(0).expand(B, *w.shape).reshape(B * w.shape[0], *w.shape[1:]))
                 gw = torch.ops.aten.convolution_backward(
                     g.reshape(1, B * g.shape[1], *g.shape[2:]), x.reshape(1, B * x.shape[1], *x.shape[2:]), wb,
                     None, list(module.stride), pad, list(module.dilation), False, [0] * self.nd,
@@ -299,8 +311,8 @@ class _ConvRule(MatmulRule):
         zeros = [0] * self.nd
         for a, g in zip(acts, grads):
             B = g.shape[0]
-            gc = g * c.to(g.dtype).view(B, *([1] * (g.dim() - 1)))
-            x, pad = self._conv_args(module, a)
+            gc = _dense(g * c.to(g.dtype).view(B, *([1] * (g.dim() - 1))))
+            x, pad = self._conv_args(module, _dense(a))
             w = torch.ops.aten.convolution_backward(
                 gc, x, module.weight, None, list(module.stride), pad,
                 list(module.dilation), False, zeros, module.groups, [False, True, False])[1]
