@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from dpbench.data import split_public_private
 from dpbench.errors import UserError
@@ -540,8 +541,6 @@ def save_public_checkpoint(model: torch.nn.Module, path: str | Path, data: Publi
 
 def read_public_metadata(path: str | Path) -> PublicCheckpointInfo:
     """Read the provenance of a public checkpoint without loading its weights."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"public checkpoint {path} does not exist; run the public phase that writes it "

@@ -34,9 +34,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from dpbench.clipping import ClippingEngine
 from dpbench.errors import UserError
+from dpbench.training.distributed import share_seed
+from dpbench.training.loop import make_optimizer
+from dpbench.training.losses import per_sample_cross_entropy
 from dpbench.training.optimizer import DPOptimizer
 from dpbench.training.sampling import PoissonSampler
 
@@ -126,10 +130,6 @@ class PipelineDP:
                  lr: float = 0.1, loss_fn: Callable | None = None, seed: int = 0, method: str = "auto",
                  clip_fn: str = "abadi", gamma: float = 0.01, device: str | torch.device = "cpu",
                  group: Any = None, transport: P2P | None = None, secure_rng: bool = False):
-        from dpbench.clipping import ClippingEngine
-        from dpbench.training.distributed import share_seed
-        from dpbench.training.loop import make_optimizer
-
         if not dist.is_available() or not dist.is_initialized():
             raise UserError("torch.distributed is not initialised; call dpbench.training.distributed.init_from_env() first")
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
@@ -142,7 +142,7 @@ class PipelineDP:
             raise UserError(f"thresholds must be {K} positive numbers (one per stage), got {thresholds!r}")
         self.thresholds = th
         self.device = torch.device(device)
-        self.loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, reduction="none"))
+        self.loss_fn = loss_fn or per_sample_cross_entropy
         if activation_shapes is None:
             if example_input is None:
                 raise UserError("pass example_input (one input batch) or activation_shapes to PipelineDP")
@@ -246,8 +246,6 @@ class PipelineDP:
         optimizer's sigma: C_total-calibrated noise on every coordinate). Returns the
         last stage's mean training loss per step (empty list on other stages).
         """
-        from tqdm.auto import tqdm
-
         sampler = PoissonSampler(len(y), sample_rate, steps, seed=seed)
         losses: list[float] = []
         for batch in tqdm(sampler, total=steps, disable=not progress, desc=f"stage{self.rank}", leave=False):
