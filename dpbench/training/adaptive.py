@@ -28,8 +28,7 @@ import torch
 from dpbench.clipping.adaptive import AdaptiveClipping
 from dpbench.errors import UserError
 from dpbench.privacy import accounting
-from dpbench.training.loop import ClipSpec, TrainResult, as_tensors, fit, resolve_device, specs_from_flat
-from dpbench.training.sampling import steps_for_epochs
+from dpbench.training.loop import BatchSpec, ClipSpec, TrainResult, as_tensors, fit, resolve_device, specs_from_flat
 
 __all__ = ["fit_adaptive"]
 
@@ -63,14 +62,9 @@ def fit_adaptive(model: torch.nn.Module, train_data: Any, *, target_quantile: fl
         if key in fit_kwargs:
             raise UserError(f"fit_adaptive sets {key} itself; build AdaptiveClipping and call fit for custom set-ups")
     n = len(as_tensors(train_data)[0])
-    if (sample_rate is None) == (expected_batch_size is None):
-        raise UserError("give exactly one of sample_rate (q) and expected_batch_size (q * n)")
-    q = float(sample_rate) if sample_rate is not None else float(expected_batch_size) / n
-    if not 0.0 < q <= 1.0:
-        raise UserError(f"sample rate q = {q:g} must be in (0, 1]")
-    if (epochs is None) == (steps is None):
-        raise UserError("give exactly one of epochs and steps")
-    steps = steps_for_epochs(epochs, q) if steps is None else int(steps)
+    batching = BatchSpec(epochs=epochs, steps=steps, sample_rate=sample_rate, expected_batch_size=expected_batch_size)
+    q = batching.rate(n)
+    steps = batching.num_steps(q)
     if (noise_multiplier is None) == (target_epsilon is None):
         raise UserError("give exactly one of noise_multiplier and target_epsilon")
     if noise_multiplier is None:

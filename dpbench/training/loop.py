@@ -109,6 +109,12 @@ class BatchSpec:
             raise UserError(f"sample rate q = {q:g} must be in (0, 1]; expected_batch_size must be in (0, n={n}]")
         return q
 
+    def num_steps(self, q: float) -> int:
+        """The number of Poisson steps: `steps`, or round(epochs / q)."""
+        if (self.epochs is None) == (self.steps is None):
+            raise UserError("give exactly one of epochs and steps in BatchSpec")
+        return int(self.steps) if self.steps is not None else steps_for_epochs(self.epochs, q)
+
 
 @dataclass(frozen=True)
 class PrivacySpec:
@@ -528,8 +534,8 @@ def _mark_approximate(ledger: Any, reason: str) -> None:
         ledger.approximate_reason = reason
 
 
-class _PoissonPlan(StepPlan):
-    """The default plan: every step takes a private Poisson batch."""
+class _EveryStepPrivate(StepPlan):
+    """The default plan: every step takes a private batch (Poisson, or shuffled on request)."""
 
     def __init__(self, steps: int):
         self.steps = self.private_steps = int(steps)
@@ -621,8 +627,8 @@ def fit(
             raise UserError("plans draw Poisson batches; use BatchSpec(sampling='poisson') with a plan")
         if not (_is_int(plan.steps) and _is_int(plan.private_steps) and 0 <= plan.private_steps <= plan.steps):
             raise UserError(f"the plan's step counts are inconsistent: {plan.private_steps} private of {plan.steps}")
-    elif (batching.epochs is None) == (batching.steps is None):
-        raise UserError("give exactly one of epochs and steps in BatchSpec")
+    else:
+        batching.num_steps(q)  # exactly one of epochs and steps
 
     rank, world_size = (0, 1) if distributed is None else (distributed.rank, distributed.world_size)
     if distributed is not None and (sampling != "poisson" or not private or plan is not None):
@@ -633,8 +639,7 @@ def fit(
         raise UserError("per-step hooks (e.g. adaptive clipping) are not supported in data-parallel training; "
                         "run them in a single process")
     if sampling == "poisson":
-        steps = plan.steps if plan is not None else (
-            int(batching.steps) if batching.steps is not None else steps_for_epochs(batching.epochs, q))
+        steps = plan.steps if plan is not None else batching.num_steps(q)
         private_steps = plan.private_steps if plan is not None else steps
         sampler = PoissonSampler(n, q, private_steps, seed=seed, rank=rank, world_size=world_size)
     else:
@@ -650,7 +655,7 @@ def fit(
         q = sampler.sample_rate
         steps = int(batching.steps) if batching.steps is not None else sampler.steps
         private_steps = steps
-    plan = plan if plan is not None else _PoissonPlan(steps)
+    plan = plan if plan is not None else _EveryStepPrivate(steps)
     expected = q * n
     max_physical_batch = batching.max_physical_batch
     if max_physical_batch is None:
@@ -725,7 +730,7 @@ def fit(
     train_time = 0.0
     loss_sum, loss_count = 0.0, 0
     group_names = list(getattr(engine, "thresholds", {}) or {}) if private else []
-    with_plan_columns = not isinstance(plan, _PoissonPlan)
+    with_plan_columns = not isinstance(plan, _EveryStepPrivate)
 
     def flush_ledger() -> None:
         nonlocal pending
