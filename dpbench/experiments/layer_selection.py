@@ -196,14 +196,17 @@ class Setup:
 
     @property
     def n_private(self) -> int:
+        """Examples in the private set (fine-tuning + validation): the n of delta's check."""
         return len(self.private_set.y)
 
     @property
     def n_train(self) -> int:
+        """Examples DP fine-tuning samples from."""
         return len(self.private_train.y)
 
     @property
     def n_val(self) -> int:
+        """Validation examples that score the candidates."""
         return len(self.private_val.y)
 
     def describe(self) -> str:
@@ -435,6 +438,7 @@ def run_private_selection(setup: Setup, candidates: Sequence[str], epsilons: Seq
             rng = np.random.default_rng([s, int(eps * 1000), 4])
 
             def run(subset: str, i: int, s: int = s, rng: np.random.Generator = rng) -> dict[str, Any]:
+                """Candidate run i: DP fine-tuning, then its noisy validation score (a second release)."""
                 r = finetune(setup, subset, sigma_sel, s * 1000 + i + 1)
                 r["ledger"].record_gaussian(score_noise_multiplier, 1, label="validation score")
                 r["score"] = tuning.noisy_accuracy(r["val_correct"], setup.n_val, score_noise_multiplier, rng=rng)
