@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable, Sequence
 
+from tqdm.auto import tqdm
+
 from dpbench.privacy import accounting as acct
 from dpbench.privacy.accounting import steps_for_epochs
 from dpbench.errors import UserError
@@ -21,8 +23,6 @@ LINESTYLES = {"rdp": "-", "pld": "--", "gdp_clt": ":"}
 def _progress(items: list, desc: str, progress: bool):
     if not progress:
         return items
-    from tqdm.auto import tqdm
-
     return tqdm(items, desc=desc, leave=False)
 
 

@@ -40,6 +40,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
+
 from dpbench.atomic import write_json_atomic
 from dpbench.errors import UserError
 
@@ -302,8 +304,6 @@ def event_rdp(event, orders: Sequence[float]):
     """(orders, RDP epsilon at each order) of a dp_accounting event, from dp-accounting's
     `RdpAccountant` and its public `orders`/`rdp` (memoised in the shared cache; fresh
     arrays each call)."""
-    import numpy as np
-
     orders = tuple(float(a) for a in orders)
 
     def compute() -> tuple[tuple[float, ...], tuple[float, ...]]:

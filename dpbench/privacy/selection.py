@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from dpbench.errors import UserError
 from dpbench.privacy import accounting
@@ -450,8 +451,6 @@ def private_selection(candidates: Sequence[Any], run: Callable[[Any, int], dict[
     earlier run (runs are i.i.d., so that is a data-independent rule). With Poisson, K = 0
     happens (probability e^-mu): then `best` is None. The privacy is `selection_epsilon(base,
     dist, delta)` whatever K turns out to be."""
-    from tqdm.auto import tqdm
-
     if not len(candidates):
         raise UserError("private_selection needs at least one candidate")
     privacy = selection_epsilon(base, dist, delta, n=n)

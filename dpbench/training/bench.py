@@ -32,18 +32,24 @@ import argparse
 import copy
 import ctypes
 import gc
+import importlib
 import json
 import os
+import platform
+import resource
 import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
 
 from dpbench.atomic import write_json_atomic
 from dpbench.clipping import ClippingEngine
@@ -152,10 +158,6 @@ def make_step(method: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             from opacus import PrivacyEngine
         except ImportError as e:
             raise RuntimeError(f"opacus is not installed ({e}); pip install 'dpbench[bench]'") from e
-        import warnings
-
-        from torch.utils.data import DataLoader, TensorDataset
-
         # Opacus warns about its insecure RNG and, on every step, about full backward
         # hooks firing on inputs that need no gradient: neither matters for a timing.
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
@@ -255,8 +257,6 @@ def _peak_rss_mb() -> float:
     hwm = _proc_status_mb("VmHWM")
     if hwm is not None:
         return hwm
-    import resource
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
 
@@ -304,8 +304,6 @@ def peak_extra_mb(fn: Callable[[], Any], device: str | torch.device = "cpu") -> 
 def _preimport(cell: "Cell") -> None:
     """Import the libraries a cell uses before the memory baseline, so that their code and
     tables count in base_rss_mb rather than in the method's memory."""
-    import importlib
-
     names = ["dpbench.training.optimizer", "dpbench.clipping"]
     if cell.model != "tiny_cnn":
         names += ["timm", "dpbench.models"]
@@ -447,8 +445,6 @@ def _device_name(device: str) -> str:
     if dev.type == "cuda" and torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name(dev)}"
     if dev.type == "cpu":
-        import platform
-
         return f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}"
     return str(dev)
 
@@ -509,8 +505,6 @@ def run_benchmark(profile: str | Sequence[Cell] = "cpu", *, models: Sequence[str
     memory); isolate=False runs them here (CPU peak memory is then not measured: None). With `json_path`,
     the rows are written there atomically.
     """
-    from tqdm.auto import tqdm
-
     if isinstance(profile, str):
         cells = profile_cells(profile, models, methods, batch_size, repeats, device)
     else:

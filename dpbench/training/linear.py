@@ -54,10 +54,12 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from dpbench.errors import UserError
 from dpbench.privacy import accounting
@@ -693,10 +695,6 @@ def run_grid(
     accuracy, the accounted epsilon (and under each conversion), the noise multipliers
     and the wall time. `baseline` adds each solver's non-private run (epsilon = inf).
     `settings[method]` are keyword settings for that solver."""
-    import time
-
-    from tqdm.auto import tqdm
-
     settings = settings or {}
     xtr, ytr = train
     xte, yte = test
