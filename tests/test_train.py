@@ -9,7 +9,7 @@ from torch import nn
 from dpbench.privacy import accounting
 from dpbench.errors import UserError
 from dpbench.training.loop import (BatchSpec, ClipSpec, EvalSpec, OptimSpec, PlannedStep, PrivacySpec, StepPlan,
-                                   TrainResult, evaluate, fit)
+                                   TrainResult, evaluate, fit, specs_from_flat)
 
 
 def blobs(n=600, d=10, k=4, seed=0):
@@ -311,3 +311,23 @@ def test_missing_gpu_is_an_error():
     with pytest.raises(UserError, match="CUDA"):
         fit(mlp(), TRAIN, batching=BatchSpec(steps=1, sample_rate=0.1), privacy=PrivacySpec(noise_multiplier=1.0),
             evaluation=QUIET, device="cuda")
+
+
+def test_specs_from_flat_names():
+    specs = specs_from_flat({"steps": 5, "sample_rate": 0.1, "noise_multiplier": 1.0, "clip_method": "ghost",
+                             "clip_style": "layer", "engine_kwargs": {"gamma": 0.1}, "lr": 0.5,
+                             "optimizer_kwargs": {"momentum": 0.9}, "eval_every": 3, "progress": False,
+                             "seed": 2, "label": "x"})
+    assert specs["batching"] == BatchSpec(steps=5, sample_rate=0.1)
+    assert specs["privacy"].noise_multiplier == 1.0
+    assert specs["clipping"] == ClipSpec(method="ghost", style="layer", options={"gamma": 0.1})
+    assert specs["optim"] == OptimSpec(lr=0.5, kwargs={"momentum": 0.9})
+    assert specs["evaluation"] == EvalSpec(every=3, progress=False)
+    assert (specs["seed"], specs["label"]) == (2, "x")
+    off = specs_from_flat({"epochs": 1, "sample_rate": 0.1, "private": False, "track_epsilon": False,
+                           "eval_every": None})
+    assert off["privacy"] is None and off["evaluation"].every == "epoch"
+    with pytest.raises(UserError, match="no privacy settings"):
+        specs_from_flat({"steps": 1, "sample_rate": 0.1, "private": False, "noise_multiplier": 1.0})
+    with pytest.raises(UserError, match="unknown training settings"):
+        specs_from_flat({"steps": 1, "sample_rate": 0.1, "noise_multiplier": 1.0, "epoch": 3})

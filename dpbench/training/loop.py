@@ -163,7 +163,7 @@ class PrivacySpec:
         unknown = sorted(set(faults) - set(_FAULTS))
         if unknown:
             raise UserError(f"unknown fault flags {unknown}; use {list(_FAULTS)}")
-        on = sorted(k for k, v in faults.items() if v not in (None, False))
+        on = sorted(k for k, v in faults.items() if v is not None and v is not False)
         if on and not self.audit:
             raise UserError(f"{', '.join(on)} breaks differential privacy on purpose; pass audit=True only in privacy audits")
 
@@ -267,6 +267,8 @@ def specs_from_flat(kwargs: dict[str, Any]) -> dict[str, Any]:
     clip_style, clip_fn, engine_kwargs, engine (ClipSpec); optimizer, lr, optimizer_kwargs,
     loss_fn (OptimSpec); test_data, eval_every, eval_at_start, eval_batch_size, progress
     (EvalSpec); seed, device, label pass through. Unknown names are a UserError.
+    `eval_every=None` keeps the flat keyword's old meaning, about once per epoch; for
+    "never" use `EvalSpec(every=None)` directly, or a step count past the end.
     """
     kw = dict(kwargs)
     groups = {
@@ -298,7 +300,8 @@ def specs_from_flat(kwargs: dict[str, Any]) -> dict[str, Any]:
         fields_of["evaluation"]["every"] = "epoch"  # the old keyword's None meant "about once per epoch"
     for g, cls in classes.items():
         if g == "privacy" and not private:
-            set_ = {k: v for k, v in fields_of[g].items() if v not in (None, False) and k not in ("delta", "accountant")}
+            set_ = {k: v for k, v in fields_of[g].items()
+                    if v is not None and v is not False and k not in ("delta", "accountant", "track_epsilon")}
             if set_:
                 raise UserError(f"non-private training takes no privacy settings, got {sorted(set_)}")
             out[g] = None
@@ -615,7 +618,8 @@ def fit(
     n = len(x)
     dev = resolve_device(device)
     loss_fn = optim.loss_fn or per_sample_cross_entropy
-    faults = {k: v for k, v in (privacy.faults or {}).items() if v not in (None, False)} if private else {}
+    faults = ({k: v for k, v in (privacy.faults or {}).items() if v is not None and v is not False}
+              if private else {})
 
     # --- batch size and length -----------------------------------------------------
     q = batching.rate(n)
