@@ -440,9 +440,8 @@ def fit_mixed(
     if not isinstance(schedule, Schedule):
         raise UserError("schedule must be a dpbench.training.mixing.Schedule (see make_schedule)")
     n_priv = len(as_tensors(data.private)[1])
-    if not 0.0 < float(private_batch_size) <= n_priv:
-        raise UserError(f"private_batch_size must be in (0, n_private={n_priv}], got {private_batch_size!r}")
-    q = float(private_batch_size) / n_priv
+    batching = BatchSpec(expected_batch_size=private_batch_size, max_physical_batch=max_physical_batch)
+    q = batching.rate(n_priv)  # the private set's size only: public examples are not sampled
     dp = mode == "dp"
     if (noise_multiplier is None) == (target_epsilon is None) and mode in ("dp", "noise_only"):
         raise UserError("give exactly one of noise_multiplier and target_epsilon")
@@ -463,8 +462,7 @@ def fit_mixed(
                       seed=seed, reset=reset, on_switch=on_switch)
     result = fit(
         model, data.private,
-        batching=BatchSpec(expected_batch_size=private_batch_size, max_physical_batch=max_physical_batch),
-        privacy=privacy, clipping=clipping,
+        batching=batching, privacy=privacy, clipping=clipping,
         optim=OptimSpec(optimizer=optimizer, lr=lr, kwargs=optimizer_kwargs, loss_fn=loss_fn),
         evaluation=EvalSpec(test_data=test_data, every=eval_every or max(1, schedule.steps // 20),
                             at_start=eval_at_start, batch_size=eval_batch_size, progress=progress),
