@@ -422,3 +422,14 @@ class EmbedConv1d(nn.Module):
 def test_conv1d_on_a_transposed_single_token_input():
     torch.manual_seed(0)
     check_all(EmbedConv1d().double(), torch.tensor([[1], [0], [2]]), torch.tensor([2, 0, 1]))
+
+
+@pytest.mark.parametrize("kw", [{"dynamic_img_size": True}, {"reg_tokens": 2, "no_embed_class": True}])
+def test_timm_vit_token_variants_are_exact(kw):
+    # dynamic_img_size resamples pos_embed with F.interpolate (an op on the parameter alone,
+    # followed per sample); reg_tokens + no_embed_class add, then concatenate, the tokens.
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, depth=1,
+                              **kw).double().eval()
+    check_all(model, *data((3, 32, 32), B=3), styles=("flat",), clip_fns=("abadi",))

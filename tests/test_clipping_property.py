@@ -137,6 +137,7 @@ def m_head(net, x):
 def networks(draw):
     """(Net, input, labels) built from drawn ops, tracking shapes as it goes."""
     ops, mods = [], []
+    torch.manual_seed(draw(st.integers(0, 2**16)))  # module initialisation and data follow the draw
     B = draw(st.integers(2, 4))
 
     def add(kind, mod=None, *extra):
@@ -160,8 +161,13 @@ def networks(draw):
     for _ in range(draw(st.integers(1, 5))):
         if fmt == "img":
             C, H, W = shape
-            kind = draw(st.sampled_from(["conv", "conv", "gn", "direct", "act", "mul_", "residual", "to_seq"]))
-            if kind == "conv":
+            kind = draw(st.sampled_from(["conv", "conv", "gn", "direct", "act", "mul_", "residual", "to_seq",
+                                         "linear4d"]))
+            if kind == "linear4d":  # Linear over the last axis of (B, C, H, W)
+                W2 = draw(st.integers(2, 4))
+                add("layer", nn.Linear(W, W2, bias=draw(st.booleans())))
+                shape = [C, H, W2]
+            elif kind == "conv":
                 groups = draw(st.sampled_from([g for g in (1, 2) if C % g == 0]))
                 cout = groups * draw(st.integers(1, 2))
                 k = draw(st.integers(1, 3))
@@ -236,7 +242,6 @@ def networks(draw):
                 shape = [T + 2 * pad - k + 1, cout]
     n = math.prod(shape)
     mods.append(nn.Linear(n, 3))
-    torch.manual_seed(draw(st.integers(0, 2**16)))
     net = Net(ops, mods)
     for p in net.parameters():  # fresh values under the drawn seed
         with torch.no_grad():
