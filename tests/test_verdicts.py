@@ -253,6 +253,9 @@ def test_band_mean_and_difference_of_differences():
     v = V.judge(band, r)
     assert v.verdict == REPRODUCED_QUALITATIVELY and v.effect == pytest.approx(0.02, abs=0.002)
     assert "mean over the band" in v.rule and "(epsilon=0.5)" in v.refused[0]
+    # a seed missing one of the band's settings would make the per-seed means incomparable: refused
+    gap = [x for x in r if not (x["seed"] == "3" and x["epsilon"] == "8")]
+    assert V.judge(band, gap).verdict == NOT_RUN and "seeds cover different settings" in V.judge(band, gap).rule
     # n*epsilon keys: the product of two columns
     keyed = dict(band, setting_keys="n*epsilon in [1000, 20000]")
     assert V.judge(keyed, [dict(x, n="1000") for x in r]).verdict == REPRODUCED_QUALITATIVELY

@@ -626,8 +626,15 @@ def per_seed(rows: Sequence[Mapping[str, Any]], spec: ClaimSpec) -> tuple[dict[A
     for r in rows:
         seeded.setdefault(_seed(r), []).append(r)
     keys = {c.key for side in spec.sides for c in side}
+    conds = [c for side in spec.sides for c in side]
     out: dict[Any, float] = {}
     notes = set()
+    if spec.combine in ("mean over band", "difference of differences") and conds:
+        # a per-seed mean over a band compares like with like only when every seed covers the same settings
+        covered = {s: frozenset(tuple(_norm(c.value_of(r)) for c in conds) for r in rs) for s, rs in seeded.items()}
+        if len(set(covered.values())) > 1:
+            return {}, "", ("seeds cover different settings of the band (" + "; ".join(
+                f"seed {s}: {len(v)} settings" for s, v in list(covered.items())[:4]) + "): refused, not averaged")
     for s, rs in seeded.items():
         steps = [_num(r.get("step")) for r in rs]
         if any(st is not None for st in steps):  # the last step of a curve
