@@ -63,6 +63,7 @@ for i in range(n):
     rec.add("value", i * scale, method=label or "m", seed=seed, step=i)
 fig, ax = plt.subplots()
 ax.plot(range(n), [i * scale for i in range(n)])
+ax.set_xlabel("i"); ax.set_ylabel("value")  # the recorder's figure check wants labelled axes
 rec.figure(fig, "line")
 rec.save()
 '''
