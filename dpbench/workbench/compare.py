@@ -1,7 +1,7 @@
 """`dpbench compare A B`: metric differences between two results folders, with spread.
 
 A and B are results folders: a profile folder (`results/cpu`, holding one folder per
-notebook), one notebook's folder (`results/cpu/03_public_pretraining`), a colleague's copy
+notebook), one notebook's folder (`results/cpu/NN_name`), a colleague's copy
 of either, or just a profile name (`cpu`). Rows of the two sides are matched on
 (experiment, metric, method, epsilon) plus every parameter column that both folders have,
 so each swept value (a batch size, a data-set size) is its own line and values that only
