@@ -34,8 +34,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dpbench.atomic import write_json_atomic
 from dpbench.errors import UserError
 from dpbench.workbench import provenance
@@ -54,6 +52,8 @@ _RESERVED_FIT = ("distributed", "device", "progress", "model", "train_data", "te
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML training config (a mapping)."""
+    import yaml
+
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file {str(p)!r} not found; pass the path of a YAML training config")
@@ -144,6 +144,8 @@ def run_distributed(config: dict[str, Any], nproc: int = 2, *, timeout: float | 
     temporary folder (kept: the DataFrame's `attrs["output_dir"]` names it, with
     manifest.json and ledger.json beside metrics.csv).
     """
+    import yaml
+
     cfg = dict(config)
     if not cfg.get("output_dir"):
         cfg["output_dir"] = tempfile.mkdtemp(prefix="dpbench-train-")
