@@ -106,3 +106,14 @@ def test_peak_extra_mb_sees_a_call_that_touches_memory():
     assert big is not None and small is not None
     assert 48 <= big <= 200  # coarse: RSS pages, allocator slack
     assert small < 16 < big
+
+
+def test_table_shows_the_median_of_pair_ratios_beside_the_ratio_of_medians():
+    # Pairs (method, baseline) = (3, 1), (4, 2), (50, 10): median ratio 3.0, ratio of medians 4 / 2 = 2.0.
+    row = {k: None for k in bench.ROW_KEYS}
+    row.update(model="m", resolution=8, batch_size=2, method="bk", status="ok", step_time_s=4.0,
+               baseline_step_time_s=2.0, ratio_to_nonprivate=3.0, pair_ratios=[3.0, 2.0, 5.0])
+    lines = bench.format_table([row]).splitlines()
+    at = lambda name: lines[2][lines[0].index(name):].split()[0]  # noqa: E731  (the value under a header)
+    assert at("step/base") == "2.00" and at("x time (median of pairs)") == "3.00" and at("base s") == "2.0000"
+    assert any("median of the per-pair ratios" in line for line in lines)

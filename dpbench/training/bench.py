@@ -68,6 +68,7 @@ ROW_KEYS = (
     "model", "resolution", "batch_size", "method", "style", "step_time_s", "peak_mem_mb", "ratio_to_nonprivate",
     "step_mem_mb", "mem_ratio_to_nonprivate", "baseline_step_time_s", "base_rss_mb", "peak_reset",
     "max_batch_size", "status", "reason", "device", "profile", "repeats", "threads", "torch_version",
+    "pair_ratios",
 )
 _RESULT_MARK = "DPBENCH_CELL_RESULT "
 
@@ -413,6 +414,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
             row["step_time_s"] = statistics.median(tm)
             row["baseline_step_time_s"] = statistics.median(tb)
             row["ratio_to_nonprivate"] = statistics.median(m / b for m, b in zip(tm, tb))
+            row["pair_ratios"] = [m / b for m, b in zip(tm, tb)]  # the spread behind the median (error bars)
             del base_model, base_step
     except Exception as e:
         return {**row, "step_time_s": None, "ratio_to_nonprivate": None, "baseline_step_time_s": None,
@@ -520,7 +522,7 @@ def run_benchmark(profile: str | Sequence[Cell] = "cpu", *, models: Sequence[str
     key = lambda r: (first[(r["model"], r["resolution"], r["batch_size"])], order.get(r["method"], 99))  # noqa: E731
     cells.sort(key=lambda c: key(asdict(c)))
     rows: list[dict[str, Any]] = []
-    bar = tqdm(cells, disable=not progress, desc="bench", leave=False)
+    bar = tqdm(cells, disable=not progress, desc="bench", unit="cell")  # left in the output: the log keeps the total time
     for c in bar:
         bar.set_postfix_str(f"{c.model}@{c.resolution} {c.method}")
         rows.append(run_cell_subprocess(c, cell_timeout) if isolate else run_cell(c))
@@ -543,7 +545,8 @@ def _fill_memory_ratios(rows: list[dict[str, Any]]) -> None:
 def format_table(rows: Iterable[dict[str, Any]]) -> str:
     """A fixed-width text table of the main columns; failed cells show their reason."""
     cols = [("model", "model"), ("resolution", "px"), ("batch_size", "batch"), ("method", "method"),
-            ("step_time_s", "step s"), ("ratio_to_nonprivate", "x time"), ("peak_mem_mb", "peak MB"),
+            ("step_time_s", "step s"), ("baseline_step_time_s", "base s"), ("time_over_base", "step/base"),
+            ("ratio_to_nonprivate", "x time (median of pairs)"), ("peak_mem_mb", "peak MB"),
             ("step_mem_mb", "step MB"), ("mem_ratio_to_nonprivate", "x mem"), ("max_batch_size", "max batch"), ("status", "status")]
     rows = list(rows)
     if rows and all(r.get("max_batch_size") is None for r in rows):
@@ -552,15 +555,21 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
     def fmt(k, v):
         if v is None:
             return "-"
-        if k == "step_time_s":
+        if k in ("step_time_s", "baseline_step_time_s"):
             return f"{v:.4f}"
-        if k in ("ratio_to_nonprivate", "mem_ratio_to_nonprivate"):
+        if k in ("ratio_to_nonprivate", "mem_ratio_to_nonprivate", "time_over_base"):
             return f"{v:.2f}"
         if k in ("peak_mem_mb", "step_mem_mb"):
             return f"{v:.0f}"
         return str(v)
 
-    table = [[h for _, h in cols]] + [[fmt(k, r.get(k)) for k, _ in cols] for r in rows]
+    def value(r, k):  # step/base: the ratio of the two medians, beside the median of the per-pair ratios
+        if k != "time_over_base":
+            return r.get(k)
+        s, b = r.get("step_time_s"), r.get("baseline_step_time_s")
+        return s / b if s is not None and b else None
+
+    table = [[h for _, h in cols]] + [[fmt(k, value(r, k)) for k, _ in cols] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     lines = ["  ".join(s.ljust(w) for s, w in zip(line, widths)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -568,6 +577,9 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
         if r.get("status") != "ok":
             lines.append(f"failed: {r['model']}@{r['resolution']} {r['method']}: {r.get('reason')}")
     if rows:
+        lines.append("step s, base s: median seconds per step of the method and of its interleaved non-private twin; "
+                     "step/base: their ratio; x time: the median of the per-pair ratios (robust to load drifts, "
+                     "so it need not equal step/base)")
         lines.append(f"device: {rows[0].get('device')}, torch {rows[0].get('torch_version')}, "
                      f"threads {rows[0].get('threads')}")
     return "\n".join(lines)
