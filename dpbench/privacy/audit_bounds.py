@@ -59,6 +59,9 @@ __all__ = [
     "one_run_epsilon",
     "one_run_audit",
     "roc_curve",
+    "gaussian_epsilon",
+    "shuffle_max_test_epsilon",
+    "projected_trials",
 ]
 
 
@@ -231,9 +234,16 @@ def _counts(s_in: np.ndarray, s_out: np.ndarray, thresholds: np.ndarray):
     return fp, fn
 
 
-def _midpoints(values: np.ndarray) -> np.ndarray:
-    """Candidate thresholds between consecutive distinct values, plus both ends."""
+def _midpoints(values: np.ndarray, max_candidates: int | None = None) -> np.ndarray:
+    """Candidate thresholds between consecutive distinct values, plus both ends.
+
+    With more than `max_candidates` distinct values, the candidates are the values at a grid
+    of quantiles plus the 256 most extreme values at each end (where epsilon bounds come from);
+    any rule fixed before the certifying trials are seen keeps the bound valid."""
     u = np.unique(values)
+    if max_candidates is not None and u.size > max_candidates:
+        grid = np.quantile(u, np.linspace(0.0, 1.0, max_candidates))
+        u = np.unique(np.concatenate([grid, u[:256], u[-256:]]))
     mids = (u[:-1] + u[1:]) / 2 if u.size > 1 else np.empty(0)
     return np.concatenate([[-np.inf], mids, [np.inf]])
 
@@ -248,6 +258,7 @@ def epsilon_lower_bound(
     split_fraction: float = 0.5,
     thresholds: Sequence[float] | None = None,
     seed: int = 0,
+    max_candidates: int | None = 4096,
 ) -> AuditBound:
     """Many-trials lower bound on epsilon from membership scores (higher = more likely in).
 
@@ -262,6 +273,8 @@ def epsilon_lower_bound(
             "bonferroni": `thresholds` fixed before seeing the scores; every (score,
             threshold) is evaluated on all trials with alpha divided by their number.
         seed: seed of the random split.
+        max_candidates: "split" tries at most about this many thresholds on the selection part
+            (quantiles plus both tails; None: every midpoint), for large trial counts.
     """
     c = _check_confidence(confidence)
     d = _check_delta(delta)
@@ -279,7 +292,7 @@ def epsilon_lower_bound(
         best = (-1.0, None, None)
         for name, s in sd.items():
             s_in, s_out = s[sel][m[sel]], s[sel][~m[sel]]
-            cand = _midpoints(s[sel])
+            cand = _midpoints(s[sel], max_candidates)
             fp, fn = _counts(s_in, s_out, cand)
             eps = epsilon_from_counts(fp, s_out.size, fn, s_in.size, c, d)
             i = int(np.argmax(eps))
@@ -463,3 +476,96 @@ def roc_curve(scores, members) -> tuple[np.ndarray, np.ndarray, float]:
     tpr = 1 - fn / mem.sum()
     auc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
     return fpr, tpr, auc
+
+
+# ---------------------------------------------------------------------------- analytic epsilons and projections
+
+
+def gaussian_epsilon(mu: float, delta: float) -> float:
+    """Exact epsilon(delta) of one Gaussian mechanism whose output shifts by `mu` noise
+    standard deviations (mu-GDP), through dp-accounting (`accounting.gaussian_mechanism_epsilon`
+    with noise multiplier 1/mu); infinite for an infinite shift (no noise)."""
+    from dpbench.privacy import accounting
+
+    mu = float(mu)
+    if mu < 0:
+        raise UserError(f"the shift mu must be >= 0, got {mu!r}")
+    if math.isinf(mu):
+        return math.inf
+    if mu == 0.0:
+        return 0.0
+    return float(accounting.gaussian_mechanism_epsilon(1.0 / mu, _check_delta(delta)))
+
+
+def shuffle_max_test_epsilon(noise_multiplier: float, batches: int, delta: float) -> float:
+    """Chua et al. (2024) lower bound on epsilon of ONE epoch of shuffled fixed-size batches.
+
+    With b batches per epoch, the differing example is in exactly one of them: the pair is
+    P = (1/b) sum_t N(e_t / sigma, I_b) against Q = N(0, I_b) (outputs in units of the noise).
+    The max over coordinates is a post-processing of both, so the epsilon(delta) of the
+    1-D pair (max under P, max under Q) lower-bounds the epsilon of the shuffled mechanism.
+    Computed by numerical integration of the hockey-stick divergence (both directions).
+    """
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    s, b, d = float(noise_multiplier), int(batches), _check_delta(delta)
+    if s <= 0 or b < 1:
+        raise UserError(f"need noise_multiplier > 0 and batches >= 1, got {noise_multiplier!r}, {batches!r}")
+    mu = 1.0 / s
+    x = np.linspace(-12.0, 12.0 + mu, 200_001)
+    dx = x[1] - x[0]
+    log_cdf = norm.logcdf(x)
+    f_q = b * norm.pdf(x) * np.exp((b - 1) * log_cdf)
+    f_p = norm.pdf(x - mu) * np.exp((b - 1) * log_cdf)
+    if b > 1:
+        f_p = f_p + (b - 1) * norm.pdf(x) * norm.cdf(x - mu) * np.exp((b - 2) * log_cdf)
+
+    def hockey(e: float) -> float:
+        w = math.exp(e)
+        return max(float(np.sum(np.maximum(f_p - w * f_q, 0.0)) * dx), float(np.sum(np.maximum(f_q - w * f_p, 0.0)) * dx))
+
+    if hockey(0.0) <= d:
+        return 0.0
+    hi = 1.0
+    while hockey(hi) > d:
+        hi *= 2.0
+        if hi > 1e3:
+            return math.inf
+    return float(brentq(lambda e: hockey(e) - d, 0.0, hi, xtol=1e-6))
+
+
+def projected_trials(scores_in: np.ndarray, scores_out: np.ndarray, claim: float, confidence: float = 0.95,
+                     delta: float = 0.0, *, certify_fraction: float = 0.25, max_trials: int = 10**8) -> int | None:
+    """Trials a many-trials audit would need for its bound to pass `claim` (a projection).
+
+    `scores_in` / `scores_out`: large samples of the chosen score under the mechanism's
+    analytic model (member / non-member). For N trials, each side of the certifying part
+    holds about `certify_fraction` N trials (a 1/2 member rate and a 1/2 split); the expected
+    error counts at every threshold go through the same Clopper-Pearson bound as the audit.
+    Returns the smallest N on a doubling-then-bisection search whose best threshold beats
+    the claim, or None when even `max_trials` does not (e.g. the model's own epsilon is at
+    or below the claim). Thresholds are resolved only as far as the samples reach.
+    """
+    c = _check_confidence(confidence)
+    d = _check_delta(delta)
+    s_in, s_out = np.sort(np.asarray(scores_in, float)), np.sort(np.asarray(scores_out, float))
+    ts = np.quantile(np.concatenate([s_in, s_out]), np.linspace(0.0005, 0.9995, 400))
+    ts = np.unique(np.concatenate([ts, s_out[-50:]]))
+    fnr = np.searchsorted(s_in, ts, side="left") / s_in.size
+    fpr = (s_out.size - np.searchsorted(s_out, ts, side="left")) / s_out.size
+
+    def bound(n: int) -> float:
+        k = max(1, int(certify_fraction * n))
+        return float(np.max(epsilon_from_counts(np.round(fpr * k), k, np.round(fnr * k), k, c, d)))
+
+    n = 100
+    while bound(n) <= claim:
+        n *= 2
+        if n > max_trials:
+            return None
+    lo, hi = n // 2, n
+    while hi - lo > max(1, lo // 50):
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if bound(mid) > claim else (mid, hi)
+    return int(hi)
