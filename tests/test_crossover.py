@@ -248,13 +248,44 @@ def test_shared_plot_helpers_mark_missing_cells():
     rows = [_row("a", "nonprivate"), _row("a", "ghost", "failed"), _row("a", "mixed", mem=None),
             _row("b", "nonprivate"), _row("b", "ghost")]
     fig, (ax1, ax2) = plt.subplots(1, 2)
-    plots.grouped_bars(ax1, rows, "mem_ratio_to_nonprivate", "memory")
+    drawn = plots.grouped_bars(ax1, rows, "mem_ratio_to_nonprivate", "memory")
     assert len(ax1.patches) == 3  # a/nonprivate, b/nonprivate, b/ghost
-    assert sorted(t.get_text() for t in ax1.texts) == ["fails", "n/m"]
-    assert [t.get_text() for t in ax1.get_xticklabels()] == ["a@32", "b@32"]
+    assert sorted(t.get_text() for t in ax1.texts) == ["fails", "not measured"] == sorted(drawn)
+    assert [t.get_text() for t in ax1.get_xticklabels()] == ["a@32, batch 8", "b@32, batch 8"]
     legend = plots.legend_once(fig, ax1, one_row=True)
     assert [t.get_text() for t in legend.get_texts()] == ["nonprivate", "ghost"]
     plots.bars_marking_missing(ax2, ["x", "y", "z"], [1.0, None, float("nan")], missing_text="gone")
     assert [p.get_height() for p in ax2.patches] == [1.0, 0.0, 0.0]
     assert [t.get_text() for t in ax2.texts] == ["gone", "gone"]
     plt.close(fig)
+
+
+def test_notebook_01_figures_pass_the_figure_check(tmp_path):
+    """The four figures of notebook 01 from synthetic rows (a skipped ghost size, a zero norm
+    difference, a failed cell, unmeasured memory) pass the recorder's figure check."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dpbench.workbench.results import Recorder, check_figure
+
+    xrows = cx.crossover_sweep([4, 8, 16], 8, 8, 2, repeats=1, max_tmp_mb=0.01, progress=False)
+    assert any(r["status"] == "failed" and r["reason"].startswith("skipped") for r in xrows)
+    fig = cx.plot_crossover(xrows, cx.crossover_summary(xrows, 8, 8), in_channels=8, out_channels=8, batch_size=2,
+                            device="cpu", max_tmp_mb=0.01)
+    assert any(line.get_label().startswith("ghost skipped") for line in fig.axes[0].lines)
+    rows = [_row("m", "nonprivate"), _row("m", "mixed"), _row("m", "mixed", style="layer"), _row("m", "bk"),
+            _row("m", "opacus_hooks", "failed"), _row("m", "ghost", mem=None)]
+    rows[1]["pair_ratios"] = [1.5, 2.0, 3.0]
+    flat = [r for r in rows if r["style"] == "flat"]
+    table = cx.flat_vs_layer_table(rows, "m", ["mixed", "bk"])
+    figs = [fig, cx.plot_step_ratios(flat, "cpu", 3), cx.plot_fixed_batch(flat, "cpu", False),
+            cx.plot_flat_vs_layer(table, "m", "cpu", 3)]
+    assert "not measured" in figs[1]._suptitle.get_text() and "fails" in figs[1]._suptitle.get_text()
+    assert "2.00x" in cx.flat_vs_layer_note(table)
+    rec = Recorder(tmp_path, experiment="01")
+    for i, f in enumerate(figs):
+        assert check_figure(f) == []
+        rec.figure(f, f"fig{i}")
+    plt.close("all")

@@ -148,7 +148,7 @@ def crossover_sweep(sizes: Sequence[int], in_channels: int = 64, out_channels: i
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r} asked for but CUDA is not available; use device='cpu'")
     rows = []
-    for size in tqdm(list(sizes), desc="crossover", disable=not progress, leave=False):
+    for size in tqdm(list(sizes), desc="crossover", unit="size", disable=not progress):
         T, D, p = conv_dims(size, in_channels, out_channels, kernel_size, stride, padding)
         conv, x, grad = conv_norm_inputs(size, in_channels, out_channels, batch_size, kernel_size, stride,
                                          padding, dev, seed)
@@ -538,5 +538,177 @@ def flat_vs_layer_table(rows: Sequence[dict[str, Any]], model: str, methods: Seq
     sel = [r for r in rows if r["model"] == model and (r["method"] == "nonprivate" or r["method"] in methods)]
     return pd.DataFrame([{"arm": arm_label(r), "x time": r["ratio_to_nonprivate"], "x mem": r["mem_ratio_to_nonprivate"],
                           "step s": r["step_time_s"], "step MB": r["step_mem_mb"], "status": r["status"],
-                          "reason": r["reason"]} for r in sel],
-                        columns=["arm", "x time", "x mem", "step s", "step MB", "status", "reason"])
+                          "reason": r["reason"], "pair ratios": r.get("pair_ratios")} for r in sel],
+                        columns=["arm", "x time", "x mem", "step s", "step MB", "status", "reason", "pair ratios"])
+
+
+# ---------------------------------------------------------------------------- notebook 01 figures
+# Each returns a matplotlib Figure for `Recorder.figure`; matplotlib is imported here (an optional
+# dependency of the library, a notebook's import).
+
+FLOAT32_RESOLUTION = 2.0 ** -23  # relative spacing of float32 numbers near 1
+
+
+def _status_of(row: dict[str, Any]) -> str:
+    return "skipped" if row["reason"].startswith("skipped") else "failed"
+
+
+def plot_crossover(rows: Sequence[dict[str, Any]], summary: dict[str, Any], *, in_channels: int, out_channels: int,
+                   batch_size: int, device: str, max_tmp_mb: float | None = None):
+    """Section 1's figure: time, memory and norm agreement of ghost norm and instantiation on one
+    Conv2d against the input size. Skipped or failed sizes are marked (x on the axis), never
+    dropped; an exact agreement (difference 0) is marked on the axis, not drawn at a fake value."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2), layout="constrained")
+    sizes = sorted({r["size"] for r in rows})
+    styles = {"ghost": ("o-", "C0"), "instantiate": ("s-", "C1")}
+    for m, (mk, color) in styles.items():
+        mine = [r for r in rows if r["method"] == m]
+        ok = [r for r in mine if r["status"] == "ok" and r["time_s"] is not None]
+        axes[0].plot([r["size"] for r in ok], [r["time_s"] for r in ok], mk, color=color, label=m)
+        ok_mem = [r for r in ok if r["mem_mb"] is not None]
+        axes[1].plot([r["size"] for r in ok_mem], [r["mem_mb"] for r in ok_mem], mk, color=color, label=f"{m} (measured)")
+        what = "2BT^2, Gram matrices" if m == "ghost" else "BpD, flat: no T in it"
+        axes[1].plot([r["size"] for r in mine], [r["pred_mb"] for r in mine], "--", color=color, alpha=0.6,
+                     label=f"{m} (predicted: 4 bytes x {what})")
+        for status in ("skipped", "failed"):
+            gone = [r["size"] for r in mine if r["status"] != "ok" and _status_of(r) == status]
+            if not gone:
+                continue
+            why = (f"skipped: intermediates > {max_tmp_mb:g} MB" if status == "skipped" and max_tmp_mb is not None
+                   else status)
+            for ax in axes[:2]:
+                ax.plot(gone, [0.04] * len(gone), "x", color=color, ms=8, mew=2, transform=ax.get_xaxis_transform(),
+                        clip_on=False, label=f"{m} {why}")
+    for ax in axes[:2]:
+        ax.axvline(summary["predicted_size"], color="k", ls=":", label="predicted crossover 2T^2 = pD")
+        if summary["measured_size"]:
+            ax.axvline(summary["measured_size"], color="C4", ls="--", label="measured crossover (time)")
+        ax.set_yscale("log")
+    diffs = [r for r in rows if r["method"] == "ghost" and r.get("rel_diff") is not None]
+    pos = [r for r in diffs if r["rel_diff"] > 0]
+    axes[2].plot([r["size"] for r in pos], [r["rel_diff"] for r in pos], "o-", color="C0", label="ghost vs instantiated")
+    zero = [r["size"] for r in diffs if r["rel_diff"] == 0]
+    if zero:
+        axes[2].plot(zero, [0.04] * len(zero), "v", color="C0", ms=7, transform=axes[2].get_xaxis_transform(),
+                     clip_on=False, label="identical norms (difference 0)")
+    if pos:
+        axes[2].axhline(FLOAT32_RESOLUTION, color="0.5", ls=":", label="float32 resolution (2^-23)")
+        axes[2].set_yscale("log")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(min(sizes) / 1.15, max(sizes) * 1.15)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("input size (pixels)")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1)
+    axes[0].set_ylabel("seconds per norm computation (fastest repeat)")
+    axes[0].set_title("time")
+    axes[1].set_ylabel("extra memory (MB)")
+    axes[1].set_title("memory")
+    axes[2].set_ylabel("max relative difference of the norms")
+    axes[2].set_title("agreement of the two norms")
+    fig.suptitle(f"One Conv2d {in_channels}->{out_channels}, 3x3, batch {batch_size}, {device}: "
+                 "ghost norm vs instantiated per-sample gradients")
+    return fig
+
+
+def _ratio_axis(ax) -> None:
+    from dpbench.experiments.plots import plain_log_ticks
+
+    ax.set_yscale("log")
+    plain_log_ticks(ax.yaxis)
+    ax.axhline(1, color="k", lw=0.8)
+
+
+def _marks_text(drawn: set[str]) -> str:
+    from dpbench.experiments.plots import FAILED, NOT_MEASURED
+
+    parts = []
+    if FAILED in drawn:
+        parts.append('"fails": the method could not run (reason in the table)')
+    if NOT_MEASURED in drawn:
+        parts.append('"not measured": CPU memory needs a fresh process per cell (isolate=True)')
+    return ("\n" + "; ".join(parts)) if parts else ""
+
+
+def plot_step_ratios(flat_rows: Sequence[dict[str, Any]], device: str, repeats: int):
+    """Section 3's figure: step time and step memory of every method as ratios to non-private, on
+    the same log scale; whiskers span the per-pair time ratios of the interleaved repeats."""
+    import matplotlib.pyplot as plt
+
+    from dpbench.experiments.plots import grouped_bars, legend_once
+
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5), layout="constrained")
+    drawn = grouped_bars(axes[0], flat_rows, "ratio_to_nonprivate", "step time / non-private step time (log scale)",
+                         spread_key="pair_ratios")
+    drawn |= grouped_bars(axes[1], flat_rows, "mem_ratio_to_nonprivate", "step memory / non-private (log scale)")
+    for ax in axes:
+        _ratio_axis(ax)
+    axes[0].set_title("time: median of the per-pair ratios" +
+                      (f" (whiskers: min-max over {repeats} interleaved pairs, one seed)" if repeats > 1 else ""))
+    axes[1].set_title("memory: one measurement per cell")
+    legend_once(fig, axes[0], one_row=True, loc="outside lower center")
+    fig.suptitle(f"{device}: ratios to non-private" + _marks_text(drawn))
+    return fig
+
+
+def plot_fixed_batch(flat_rows: Sequence[dict[str, Any]], device: str, max_batch: bool):
+    """Section 4's figure: the largest batch by doubling (gpu), or the step's memory at each
+    model's own batch (cpu: resident-set peak above the process baseline)."""
+    import matplotlib.pyplot as plt
+
+    from dpbench.experiments.plots import grouped_bars, legend_once
+
+    fig, ax = plt.subplots(figsize=(12, 4.5), layout="constrained")
+    key = "max_batch_size" if max_batch else "step_mem_mb"
+    label = "largest batch that runs (doubling)" if max_batch else "step memory above the process baseline (MB)"
+    drawn = grouped_bars(ax, flat_rows, key, label)
+    if max_batch:
+        ax.set_yscale("log", base=2)
+    legend_once(ax, fontsize=8, ncol=4)
+    title = ("largest batch that fits, by doubling" if max_batch
+             else "memory of one training step at each model's batch (the batch under each group)")
+    ax.set_title(f"{title} ({device})" + _marks_text(drawn))
+    return fig
+
+
+def plot_flat_vs_layer(table, model: str, device: str, repeats: int):
+    """Section 5's figure: time and memory ratios of the flat and per-layer arms of claim B.1,
+    with the per-pair time ratios' range as whiskers."""
+    import matplotlib.pyplot as plt
+
+    from dpbench.experiments.plots import bars_marking_missing
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
+    bars_marking_missing(axes[0], table["arm"], table["x time"], ranges=list(table["pair ratios"]))
+    bars_marking_missing(axes[1], table["arm"], table["x mem"])
+    axes[0].set_ylabel("step time / non-private (median of pairs)")
+    axes[1].set_ylabel("step memory / non-private")
+    axes[0].set_title(f"time (whiskers: min-max over {repeats} interleaved pairs, one seed)" if repeats > 1
+                      else "time (one pair: no spread)")
+    axes[1].set_title("memory (one measurement per arm)")
+    for ax in axes:
+        ax.axhline(1, color="k", lw=0.8)
+        ax.set_xlabel("clipping arm (backward passes)")
+    fig.suptitle(f"Flat vs per-layer clipping: {model} ({device})")
+    return fig
+
+
+def flat_vs_layer_note(table) -> str:
+    """One sentence comparing bk flat (one backward pass) with mixed flat (two), from the table."""
+    def ratio(prefix: str):
+        hit = table[table["arm"].str.startswith(prefix) & (table["status"] == "ok")]["x time"].dropna()
+        return float(hit.iloc[0]) if len(hit) else None
+
+    bk, mixed = ratio("bk flat"), ratio("mixed flat")
+    if bk is None or mixed is None:
+        return "bk flat or mixed flat did not run: no comparison of one backward pass against two."
+    if bk <= mixed:
+        return (f"bk flat (1 pass) took {bk:.2f}x non-private, mixed flat (2 passes) {mixed:.2f}x: "
+                "saving the second backward pass pays, as book-keeping predicts.")
+    return (f"bk flat (1 pass) took {bk:.2f}x non-private, more than mixed flat (2 passes) at {mixed:.2f}x: "
+            "here forming every layer's clipped sum from the stored activations and output gradients costs "
+            "more than the second backward pass it saves (see the note below).")
