@@ -222,7 +222,7 @@ def record_mechanisms(rec: Any, rows: Sequence[dict[str, Any]], *, seed: int) ->
         for metric, key in MECHANISM_METRICS.items():
             rec.add(metric, float(r[key]), method=f"{r['mechanism']}/{r['variant']}", epsilon=r["claimed_epsilon"],
                     seed=seed, fault=r["fault"], threat_model=r["threat_model"], trials=r["trials"],
-                    confidence=r["confidence"], status=r["status"])
+                    confidence=r["confidence"], audit_status=r["status"])
             count += 1
     return count
 
