@@ -161,7 +161,9 @@ def make_study(*, dataset: str, model_name: str, model_kwargs: dict | None = Non
     n_params = sum(p.numel() for p in probe.parameters() if p.requires_grad)
     layer_names = [name for name, m in probe.named_modules() if any(True for _ in m.parameters(recurse=False))]
     t0 = time.perf_counter()
-    sigmas = {eps: accounting.noise_multiplier(eps, q, steps, delta=delta) for eps in target_epsilons}
+    # bisection over RDP, seconds per epsilon: a bar, so the cell is not silent
+    sigmas = {eps: accounting.noise_multiplier(eps, q, steps, delta=delta)
+              for eps in tqdm(list(target_epsilons), desc="calibrating sigma", unit="ε")}
     description = {"dataset": dataset, "source": train.source, "n_test": len(test), "model_name": model_name,
                    "model_kwargs": dict(model_kwargs or {}), "batch_size": batch_size, "epochs": epochs,
                    "calibration_s": time.perf_counter() - t0, "placement": two_stage_placement(probe)}
@@ -566,3 +568,120 @@ def speed_memory_summary(runs_df, mem_rows: Sequence[dict[str, Any]], rec=None):
     if NONPRIVATE in summary.index:
         summary["time_vs_nonprivate"] = summary["s_per_step"] / summary.loc[NONPRIVATE, "s_per_step"]
     return summary
+
+
+# ---------------------------------------------------------------------------- figures
+# Each returns a matplotlib Figure for `Recorder.figure` (matplotlib is imported here: an optional
+# dependency of the library). Colours: arm i of `arms` is C<i>, the non-private reference black.
+
+def _arm_color(arm: str, arms: Sequence[str]) -> str:
+    return "k" if arm == NONPRIVATE else f"C{list(arms).index(arm) % 10}"
+
+
+def plot_accuracy_per_arm(runs_df, arms: Sequence[str], target_epsilons: Sequence[float], nonpriv, *,
+                          dataset: str, n_seeds: int):
+    """Final test accuracy per arm and epsilon: mean with ± 1 sd whiskers over the seeds, each
+    seed as a faint dot, the non-private mean as a dashed line."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.2), layout="constrained")
+    width = 0.8 / max(len(target_epsilons), 1)
+    for j, eps in enumerate(target_epsilons):
+        for i, arm in enumerate(arms):
+            vals = accuracies(runs_df, arm, eps)
+            x = i + (j - (len(target_epsilons) - 1) / 2) * width
+            ax.errorbar([x], [vals.mean()], yerr=[vals.std(ddof=1) if len(vals) > 1 else 0.0], fmt="o",
+                        color=f"C{j}", capsize=4, label=f"ε = {eps:g}" if i == 0 else None)
+            ax.scatter(np.full(len(vals), x + width * 0.25), vals, s=10, color=f"C{j}", alpha=0.4)
+    if len(nonpriv):
+        ax.axhline(float(np.mean(nonpriv)), color="k", ls="--", lw=1, label="non-private (mean)")
+    ax.set_xticks(range(len(arms)), list(arms), rotation=20, ha="right", rotation_mode="anchor")
+    ax.set_xlabel("clipping arm")
+    ax.set_ylabel("final test accuracy")
+    ax.set_title(f"{dataset}: mean ± 1 sd over {n_seeds} seed{'s' if n_seeds != 1 else ''} (dots: single seeds)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def plot_accuracy_vs_wall_time(curves_df, arms: Sequence[str], target_epsilons: Sequence[float], *,
+                               nonprivate_reference: bool, n_seeds: int):
+    """Test accuracy against training wall time, one panel per epsilon, one line per arm (mean
+    over seeds). The spread is one ± 1 sd whisker at each arm's last evaluation, not a band per
+    line (eight overlapping bands hide the lines); one legend for both panels, below them."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(target_epsilons), figsize=(5.5 * len(target_epsilons), 4.4), squeeze=False,
+                             sharey=True, layout="constrained")
+    shown = ([NONPRIVATE] if nonprivate_reference else []) + list(arms)
+    for ax, eps in zip(axes[0], target_epsilons):
+        for arm in shown:
+            g = mean_curve(curves_df, arm, None if arm == NONPRIVATE else eps)
+            if g.empty:
+                continue
+            color = _arm_color(arm, arms)
+            ax.plot(g["t"], g["acc"], marker=".", color=color, ls="--" if arm == NONPRIVATE else "-", label=arm)
+            last = g.iloc[-1]
+            if n_seeds > 1 and not math.isnan(last["sd"]):
+                ax.errorbar([last["t"]], [last["acc"]], yerr=[last["sd"]], color=color, capsize=3, lw=1)
+        ax.set_xlabel("training wall time (s, mean over seeds)")
+        ax.set_title(f"ε = {eps:g}")
+    axes[0][0].set_ylabel("test accuracy")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4))
+    fig.suptitle("Test accuracy against wall time: " + (f"mean over {n_seeds} seeds; whisker at the last evaluation: "
+                                                          "± 1 sd" if n_seeds > 1 else "one seed"))
+    return fig
+
+
+def plot_threshold_trajectories(traj_df, adaptive: Sequence[str], target_epsilons: Sequence[float], *,
+                                max_grad_norm: float, n_seeds: int):
+    """Each adaptive arm's per-layer thresholds C_k over training (mean over seeds, one panel per
+    arm and epsilon, one log scale for all), the total sensitivity sqrt(sum C_k^2) and the fixed
+    per-layer threshold C/sqrt(K); one legend below the panels."""
+    import matplotlib.pyplot as plt
+
+    from dpbench.experiments.plots import legend_once, plain_log_ticks
+
+    fig, axes = plt.subplots(len(adaptive), len(target_epsilons),
+                             figsize=(5.5 * len(target_epsilons), 2.6 * len(adaptive) + 1.2),
+                             squeeze=False, sharex=True, sharey=True, layout="constrained")
+    for i, arm in enumerate(adaptive):
+        for j, eps in enumerate(target_epsilons):
+            ax = axes[i][j]
+            mean, total = mean_thresholds(traj_df, arm, eps)
+            for k, group in enumerate(mean.columns):
+                ax.plot(mean.index, mean[group], lw=1.2, label=f"C_k of {group}", color=f"C{k % 10}")
+            ax.plot(total.index, total.values, "k--", lw=1, label="total √Σ C_k²")
+            ax.axhline(max_grad_norm / math.sqrt(max(len(mean.columns), 1)), color="0.6", ls=":", lw=1,
+                       label="fixed per-layer C/√K")
+            ax.set_yscale("log")
+            ax.set_title(f"{arm}, ε = {eps:g}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("threshold (log)")
+            if i == len(adaptive) - 1:
+                ax.set_xlabel("step")
+    plain_log_ticks(axes[0][0].yaxis)
+    legend_once(fig, axes[0][0], loc="outside lower center", ncol=4)
+    fig.suptitle(f"Per-layer thresholds of the adaptive arms (mean over {n_seeds} seed{'s' if n_seeds != 1 else ''})")
+    return fig
+
+
+def plot_step_time_and_memory(summary, arms: Sequence[str], *, batch_size: int, mem_batch_size: int, device: str,
+                              n_seeds: int, n_epsilons: int):
+    """Seconds per step (mean ± 1 sd over an arm's runs) and peak memory per arm, side by side."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    x = np.arange(len(summary))
+    colors = [_arm_color(a, arms) for a in summary.index]  # as in the other figures
+    ax1.bar(x, summary["s_per_step"] * 1e3, yerr=summary["s_per_step_sd"].fillna(0) * 1e3, color=colors, capsize=3)
+    ax1.set_ylabel(f"ms per step (expected batch {batch_size})")
+    ax1.set_title(f"time per step: mean ± 1 sd over each arm's runs\n({n_seeds} seeds x {n_epsilons} ε; "
+                  f"non-private: {n_seeds} seeds)", fontsize=9)
+    ax2.bar(x, summary["peak_mem_mb"], color=colors)
+    ax2.set_ylabel("peak memory above baseline (MB)")
+    ax2.set_title(f"peak memory, batch {mem_batch_size}, {device} (one measurement per arm)", fontsize=9)
+    for ax in (ax1, ax2):
+        ax.set_xticks(x, list(summary.index), rotation=25, ha="right", rotation_mode="anchor")
+        ax.set_xlabel("arm")
+    return fig

@@ -576,11 +576,16 @@ def _log_ticks(ax, values: Sequence[float], fmt: str = "{:g}") -> None:
 
 def plot_accuracy_vs_epsilon(df, methods: Sequence[str], title: str, *, delta: float):
     """Test accuracy against epsilon (log): median line and min-max band over seeds per
-    method, the non-private accuracy dotted, n*epsilon on the top axis."""
+    method; each method's non-private accuracy as its own marker in a "non-private" column right
+    of the grid (full-width lines of five methods lie on top of each other); n*epsilon on the
+    top axis."""
     import matplotlib.pyplot as plt
 
     sumdf, base, n = summary(df), non_private(df), int(df.n.iloc[0])
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
+    grid = sorted(sumdf.target_epsilon.unique())
+    x_np = grid[-1] * (grid[-1] / grid[0]) ** 0.18 if len(grid) > 1 else grid[-1] * 3  # the non-private column
+    shown = [m for m in methods if m in base.index]
     for i, m in enumerate(methods):
         d = sumdf[sumdf.method == m].sort_values("target_epsilon")
         if d.empty:
@@ -588,10 +593,17 @@ def plot_accuracy_vs_epsilon(df, methods: Sequence[str], title: str, *, delta: f
         color = f"C{i}"
         ax.plot(d.target_epsilon, d["median"], "o-", color=color, label=NICE.get(m, m))
         ax.fill_between(d.target_epsilon, d["min"], d["max"], color=color, alpha=0.2)
-        if m in base.index:
-            ax.axhline(base[m], color=color, ls=":", lw=1)
-    grid = sorted(sumdf.target_epsilon.unique())
-    _log_ticks(ax, grid)
+        if m in base.index:  # dodged sideways so equal accuracies stay apart
+            k = shown.index(m) - (len(shown) - 1) / 2
+            ax.plot([x_np * 1.07 ** k], [base[m]], "D", color=color, ms=6, mec="k", mew=0.5)
+    if shown:
+        ax.plot([], [], "D", color="0.6", mec="k", mew=0.5, label="non-private (same method, no noise)")
+    ax.set_xscale("log")
+    ticks = grid + ([x_np] if shown else [])
+    ax.set_xticks(ticks, [f"{v:g}" for v in grid] + (["non-\nprivate"] if shown else []))
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    if shown:
+        ax.axvline((grid[-1] * x_np) ** 0.5, color="0.7", lw=0.8)  # the grid ends here
     ax.set_xlabel("epsilon (delta = %g)" % delta)
     ax.set_ylabel("test accuracy")
     ax.set_title(title, pad=8)
@@ -599,10 +611,9 @@ def plot_accuracy_vs_epsilon(df, methods: Sequence[str], title: str, *, delta: f
     top.set_xticks([e * n for e in grid], [f"{e * n:,.0f}" for e in grid], fontsize=7)
     top.xaxis.set_minor_locator(plt.NullLocator())
     top.set_xlabel("n * epsilon")
-    ax.legend(fontsize=8, loc="lower right")
     seeds = df[np.isfinite(df.target_epsilon)].seed.nunique()
-    ax.text(0.01, 0.99, "dotted: non-private; band: min-max over %d seeds" % seeds, transform=ax.transAxes,
-            va="top", fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              title=f"line: median, band: min-max\nover {seeds} seed{'s' if seeds != 1 else ''}", title_fontsize=8)
     return fig
 
 
@@ -619,13 +630,17 @@ def plot_init_ablation(df, epsilons: Sequence[float]):
     _log_ticks(ax, epsilons)
     ax.set_xlabel("epsilon")
     ax.set_ylabel("test accuracy")
-    ax.set_title("DP-SGD head: zero vs random initialisation")
+    seeds = df.seed.nunique() if "seed" in df else None
+    ax.set_title("DP-SGD head: zero vs random initialisation\n"
+                 + (f"median, whiskers min-max over {seeds} seed{'s' if seeds != 1 else ''}" if seeds else
+                    "median, whiskers min-max over seeds"), fontsize=10)
     ax.legend()
     return fig
 
 
-def plot_batch_size_ablation(bs_sum, *, epsilon: float, steps: int, n: int):
-    """Median and min-max accuracy against the expected batch size (`batch_size_summary`)."""
+def plot_batch_size_ablation(bs_sum, *, epsilon: float, steps: int, n: int, n_seeds: int | None = None):
+    """Median and min-max accuracy (over `n_seeds` seeds) against the expected batch size
+    (`batch_size_summary`)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -634,5 +649,6 @@ def plot_batch_size_ablation(bs_sum, *, epsilon: float, steps: int, n: int):
     _log_ticks(ax, list(bs_sum.index), "{:,}")
     ax.set_xlabel("expected batch size (rightmost = full batch)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"DP-SGD, eps={epsilon:g}, {steps} steps, n={n}")
+    spread = f"over {n_seeds} seed{'s' if n_seeds != 1 else ''}" if n_seeds else "over seeds"
+    ax.set_title(f"DP-SGD, eps={epsilon:g}, {steps} steps, n={n}\nmedian, whiskers min-max {spread}", fontsize=10)
     return fig

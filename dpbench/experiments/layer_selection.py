@@ -510,6 +510,7 @@ def plot_heatmap(ax, mean, best, title: str):
     ax.set_xticks(range(len(mean.columns)), [f"{e:g}" for e in mean.columns])
     ax.set_yticks(range(len(order)), order)
     ax.set_xlabel("ε")
+    ax.set_ylabel("trained subset")
     ax.set_title(title)
     for i, s in enumerate(order):
         for j, e in enumerate(mean.columns):
@@ -541,35 +542,44 @@ def plot_best_per_eps(ax, mean, sd, best, *, backbone_acc: float, nonprivate: fl
     ax.set_title("best subset per ε (★)")
 
 
-def plot_accuracy_vs_params(ax, mean, sd, trained_params) -> None:
-    """Accuracy against the number of trained parameters, one marker series per epsilon."""
-    order = list(mean.index)
-    x = trained_params.loc[order].astype(float)
-    for e in mean.columns:
-        ax.errorbar(x, mean.loc[order, e], yerr=sd.loc[order, e].fillna(0), marker="o", ls="", capsize=3,
+def plot_accuracy_vs_params(ax, mean, sd, trained_params, n_seeds: int | None = None) -> None:
+    """Accuracy per subset, the subsets ordered by their number of trained parameters (a tick
+    each, named with its count, so subsets of equal size stay apart), one colour per epsilon
+    dodged sideways; whiskers ± 1 sd over the seeds."""
+    order = sorted(mean.index, key=lambda k: (float(trained_params.loc[k]), k))
+    width = 0.8 / max(len(mean.columns), 1)
+    for j, e in enumerate(mean.columns):
+        xs = [i + (j - (len(mean.columns) - 1) / 2) * width for i in range(len(order))]
+        ax.errorbar(xs, mean.loc[order, e], yerr=sd.loc[order, e].fillna(0), marker="o", ls="", capsize=3,
                     label=f"ε={e:g}")
-    for i, s in enumerate(sorted(order, key=lambda k: x[k])):  # staggered labels: small subsets sit close together
-        ax.annotate(s, (x[s], mean.loc[s].max()), textcoords="offset points", xytext=(4, 4 + 9 * (i % 3)),
-                    fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("trained parameters")
-    ax.set_ylabel("test accuracy")
-    ax.legend(fontsize=8)
+    ax.set_xticks(range(len(order)), [f"{s} ({_count(trained_params.loc[s])})" for s in order], rotation=25,
+                  ha="right", rotation_mode="anchor")
+    ax.set_xlabel("trained subset (trained parameters), smallest first")
+    ax.set_ylabel("test accuracy" + (f" (mean ± 1 sd, {n_seeds} seed{'s' if n_seeds != 1 else ''})"
+                                     if n_seeds else " (mean ± 1 sd over seeds)"))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def _count(n) -> str:
+    n = float(n)
+    return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k" if n >= 1e3 else f"{n:.0f}"
 
 
 def plot_selection(ax, sel, epsilons: Sequence[float]) -> None:
     """Test accuracy against the claimed total epsilon: private selection, naive search (with
     the epsilon its runs really compose to) and the fixed subset."""
+    n_seeds = sel["seed"].nunique() if "seed" in sel else None
     for method, g in sel.groupby("method", sort=False):
         st = g.groupby("eps").test_acc.agg(["mean", "std"])
-        naive = method == "naive search"
-        ax.errorbar(st.index, st["mean"], yerr=st["std"].fillna(0), marker="o", capsize=3, ls="--" if naive else "-",
-                    label=method + (" (claims ε, not DP)" if naive else ""))
-    for e, g in sel[sel.method == "naive search"].groupby("eps"):
-        ax.annotate(f"runs compose to ε={g.composed_epsilon.iloc[0]:.3g}", (e, g.test_acc.mean()),
-                    textcoords="offset points", xytext=(0, -14), ha="center", fontsize=7, color="tab:red")
+        label = method
+        if method == "naive search":  # what its runs really compose to, in the legend (annotations crowd the lines)
+            composed = g.groupby("eps").composed_epsilon.first()
+            label += " (claims ε, not DP; its runs compose to ε = " + ", ".join(f"{v:.3g}" for v in composed) + ")"
+        ax.errorbar(st.index, st["mean"], yerr=st["std"].fillna(0), marker="o", capsize=3,
+                    ls="--" if method == "naive search" else "-", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(epsilons), [f"{e:g}" for e in epsilons])
+    ax.minorticks_off()
     ax.set_xlabel("total ε of the published model (as claimed)")
-    ax.set_ylabel("test accuracy")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("test accuracy" + (f" (mean ± 1 sd, {n_seeds} seed{'s' if n_seeds != 1 else ''})" if n_seeds else ""))
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22))

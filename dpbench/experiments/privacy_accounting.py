@@ -23,7 +23,7 @@ LINESTYLES = {"rdp": "-", "pld": "--", "gdp_clt": ":"}
 def _progress(items: list, desc: str, progress: bool):
     if not progress:
         return items
-    return tqdm(items, desc=desc, leave=False)
+    return tqdm(items, desc=desc)  # left in the output: the executed notebook and the log keep the time
 
 
 def log_grid(lo: float, hi: float, num: int, integer: bool = False) -> list:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from dpbench.data import load_dataset
 from dpbench.errors import UserError
@@ -166,11 +167,10 @@ def run_schedules(arms: Arms, seeds: Sequence[int], rec: Any, checkpoint: str | 
     saver = PublicCheckpointSaver(arms, checkpoint, {"public_steps": arms.switch_step, "lr": arms.lr,
                                                      "optimizer": "adamw",
                                                      "public_batch_size": arms.public_batch_size, "seed": seeds[0]})
-    for name in SCHEDULES:
-        for s in seeds:
-            r = arms.run(name, s, on_switch=saver if (name == "sequential" and s == seeds[0]) else None)
-            arms.runs[(name, s)] = r
-            r.record(rec, method=name, seed=s, study="schedules")
+    for name, s in tqdm([(n, s) for n in SCHEDULES for s in seeds], desc="schedules", unit="run"):  # bar kept in the log
+        r = arms.run(name, s, on_switch=saver if (name == "sequential" and s == seeds[0]) else None)
+        arms.runs[(name, s)] = r
+        r.record(rec, method=name, seed=s, study="schedules")
     return saver
 
 
@@ -229,13 +229,12 @@ def schedule_verdict(table, n_seeds: int) -> str:
 def run_reset_ablation(arms: Arms, seeds: Sequence[int], rec: Any) -> None:
     """Figure 8: the sequential arm resetting m, v, t or nothing at the switch
     (`arms.runs[("reset", r, seed)]`; the main reset reuses the schedule run)."""
-    for r_ in RESETS:
-        for s in seeds:
-            if r_ == arms.reset and ("sequential", s) in arms.runs:
-                arms.runs[("reset", r_, s)] = arms.runs[("sequential", s)]
-            else:
-                arms.runs[("reset", r_, s)] = arms.run("sequential", s, reset=r_, method=f"reset_{r_}")
-            arms.runs[("reset", r_, s)].record(rec, method=f"reset_{r_}", seed=s, study="reset", reset=r_)
+    for r_, s in tqdm([(r_, s) for r_ in RESETS for s in seeds], desc="reset ablation", unit="run"):
+        if r_ == arms.reset and ("sequential", s) in arms.runs:
+            arms.runs[("reset", r_, s)] = arms.runs[("sequential", s)]
+        else:
+            arms.runs[("reset", r_, s)] = arms.run("sequential", s, reset=r_, method=f"reset_{r_}")
+        arms.runs[("reset", r_, s)].record(rec, method=f"reset_{r_}", seed=s, study="reset", reset=r_)
 
 
 def reset_table(arms: Arms, seeds: Sequence[int], rec: Any):
@@ -263,6 +262,7 @@ def run_clip_vs_noise(arms: Arms, seeds: Sequence[int], rec: Any) -> list[tuple[
     history and a `final_test_loss_mean` per arm; returns (start, mode, curves) per arm, the
     sequential curves from the switch on."""
     out = []
+    bar = tqdm(total=len(STARTS) * len(MODES) * len(seeds), desc="clipping vs noise", unit="run")
     for start, sched in STARTS:
         for mode in MODES:
             keys = []
@@ -272,6 +272,7 @@ def run_clip_vs_noise(arms: Arms, seeds: Sequence[int], rec: Any) -> list[tuple[
                                   else arms.run(sched, s, mode=mode, method=f"{mode}_{sched}"))
                 arms.runs[key].record(rec, method=f"{mode}:{sched}", seed=s, study="fig1", mode=mode, start=start)
                 keys.append(key)
+                bar.update()
             df = arms.curves(keys)
             if sched == "sequential":
                 df = df[df.step >= arms.switch_step]
@@ -279,6 +280,7 @@ def run_clip_vs_noise(arms: Arms, seeds: Sequence[int], rec: Any) -> list[tuple[
             rec.add("final_test_loss_mean", float(np.mean([arms.runs[k].final["test_loss"] for k in keys])),
                     method=f"{mode}:{sched}", epsilon=arms.runs[keys[0]].epsilon, study="fig1", mode=mode,
                     start=start)
+    bar.close()
     return out
 
 
@@ -331,7 +333,7 @@ def improvement_vs_batch(arms: Arms, public_model: torch.nn.Module, rec: Any, *,
     sig = np.array([accounting.noise_multiplier(eps, b / data.n_private, max(1, round(epochs * data.n_private / b)),
                                                 delta=arms.delta, accountant=diag_accountant) for b in grid])
     out = Figure5(grid, sig, epochs, len(dx), [])
-    for label, m in checkpoints.items():
+    for label, m in tqdm(checkpoints.items(), desc="curvature diagnostics", unit="checkpoint"):
         m = m.to(arms.device)
         st = diagnostics.curvature_stats(m, dx, dy, clip_fn="automatic", max_grad_norm=C, gamma=arms.gamma,
                                          n_probes=diag_probes, n_var_samples=diag_var_samples, seed=seed)
@@ -403,13 +405,12 @@ def fraction_sweep(arms: Arms, fractions: Sequence[float], seeds: Sequence[int],
     import pandas as pd
 
     rows = []
-    for f in fractions:
-        for s in seeds:
-            key = ("sequential", s) if f == arms.public_fraction else ("fraction", f, s)
-            if key not in arms.runs:
-                arms.runs[key] = arms.run("sequential", s, fraction=f, method=f"sequential_{f:g}")
-                arms.runs[key].record(rec, method="sequential", seed=s, study="public_fraction", public_fraction=f)
-            rows.append({"public_fraction": f, "seed": s, "test_acc": arms.runs[key].final["test_acc"]})
+    for f, s in tqdm([(f, s) for f in fractions for s in seeds], desc="public fractions", unit="run"):
+        key = ("sequential", s) if f == arms.public_fraction else ("fraction", f, s)
+        if key not in arms.runs:
+            arms.runs[key] = arms.run("sequential", s, fraction=f, method=f"sequential_{f:g}")
+            arms.runs[key].record(rec, method="sequential", seed=s, study="public_fraction", public_fraction=f)
+        rows.append({"public_fraction": f, "seed": s, "test_acc": arms.runs[key].final["test_acc"]})
     ft = pd.DataFrame(rows).groupby("public_fraction").test_acc.agg(["mean", "std"])
     for f, row in ft.iterrows():
         rec.add("final_test_acc_mean", row["mean"], method="sequential", epsilon=arms.target_epsilon,
@@ -438,3 +439,52 @@ def record_ledger(arms: Arms, seed: int, rec: Any, path: str | Path):
     rec.add("epsilon_spent", ledger.epsilon(), method="sequential", epsilon=ledger.epsilon(), seed=seed,
             private_steps=ledger.steps, public_steps=arms.switch_step, study="ledger")
     return ledger
+
+
+def reset_differences(arms: Arms, seeds: Sequence[int], reference: str = "m"):
+    """Figure 8 as differences: each reset's test loss and accuracy minus the `reference` reset's,
+    paired by seed at every evaluation step (columns reset, step, d_loss, d_loss_sd, d_acc, d_acc_sd;
+    sd over seeds, NaN with one seed). Arms that coincide show as exact zeros instead of hiding
+    under each other."""
+    import pandas as pd
+
+    ref = arms.curves([("reset", reference, s) for s in seeds])[["step", "seed", "test_loss", "test_acc"]]
+    parts = []
+    for r_ in RESETS:
+        if r_ == reference:
+            continue
+        cur = arms.curves([("reset", r_, s) for s in seeds])[["step", "seed", "test_loss", "test_acc"]]
+        m = cur.merge(ref, on=["step", "seed"], suffixes=("", "_ref"))
+        m = m.assign(d_loss=m.test_loss - m.test_loss_ref, d_acc=m.test_acc - m.test_acc_ref)
+        g = m.groupby("step").agg(d_loss=("d_loss", "mean"), d_loss_sd=("d_loss", "std"),
+                                  d_acc=("d_acc", "mean"), d_acc_sd=("d_acc", "std")).reset_index()
+        parts.append(g.assign(reset=r_))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        columns=["reset", "step", "d_loss", "d_loss_sd", "d_acc", "d_acc_sd"])
+
+
+def plot_reset_differences(diff, *, switch_step: int, reference: str, n_seeds: int):
+    """Two panels (test loss, test accuracy): each reset minus the reference reset against the
+    step, with a ± 1 sd band over the paired seeds when there are several; an arm identical to
+    the reference at every evaluation says so in the legend."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    for (r_, g), ls in zip(diff.groupby("reset", sort=False), ["-", "--", "-.", ":"]):
+        same = bool((g[["d_loss", "d_acc"]].abs().max() == 0).all())
+        for ax, col in zip(axes, ["d_loss", "d_acc"]):
+            line, = ax.plot(g["step"], g[col], ls=ls, marker=".",
+                            label=f"reset {r_}" + (" (identical to the reference)" if same else ""))
+            if n_seeds > 1:
+                sd = g[f"{col}_sd"].fillna(0.0)
+                ax.fill_between(g["step"], g[col] - sd, g[col] + sd, color=line.get_color(), alpha=0.15)
+    for ax, lab in zip(axes, ["test loss", "test accuracy"]):
+        ax.axhline(0, color="k", lw=0.8)
+        ax.axvline(switch_step, color="k", ls=":", lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{lab} minus reset {reference}'s")
+    axes[1].legend()
+    spread = f"band: ± 1 sd over {n_seeds} paired seeds" if n_seeds > 1 else "one seed, no spread"
+    fig.suptitle(f"Which state to reset at the switch (step {switch_step}): difference to resetting {reference} "
+                 f"(the paper's choice; {spread})")
+    return fig
