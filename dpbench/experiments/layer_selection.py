@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from dpbench import models as M
 from dpbench.data import load_dataset, split_public_private
@@ -124,7 +125,7 @@ def pretrain_public(public_data: Any, num_classes: int, cfg: PublicTraining, *, 
     fit(m, public_data,
         batching=BatchSpec(epochs=cfg.epochs, expected_batch_size=min(cfg.batch_size, len(public_data.y))),
         privacy=None, optim=OptimSpec(optimizer="adam", lr=cfg.lr),
-        evaluation=EvalSpec(every=None, progress=False), seed=seed, device=device)
+        evaluation=EvalSpec(every=None, progress=True), seed=seed, device=device)  # minutes at the cpu profile
     return m
 
 
@@ -299,7 +300,7 @@ def finetune(setup: Setup, subset: str, sigma: float | None, run_seed: int, priv
 def noise_multipliers(setup: Setup, epsilons: Sequence[float]) -> dict[float, float]:
     """The DP-SGD noise multiplier reaching each epsilon at the setup's q, steps and delta."""
     return {eps: accounting.noise_multiplier(eps, setup.sample_rate, setup.steps, delta=setup.delta)
-            for eps in epsilons}
+            for eps in tqdm(list(epsilons), desc="calibrating sigma", unit="ε")}
 
 
 def run_grid(setup: Setup, subsets: Sequence[str], epsilons: Sequence[float], seeds: Sequence[int],
@@ -307,9 +308,11 @@ def run_grid(setup: Setup, subsets: Sequence[str], epsilons: Sequence[float], se
     """DP fine-tune every subset at every epsilon and seed (rows: subset, eps, seed, accuracies,
     epsilon, ...). Undefined subsets are recorded as failed `test_acc` rows."""
     rows = []
+    bar = tqdm(total=len(epsilons) * len(seeds) * len(subsets), desc="fine-tuning grid", unit="run")
     for eps in epsilons:
         for s in seeds:
             for subset in subsets:
+                bar.update()
                 if subset in setup.missing:
                     add("test_acc", None, method=subset, epsilon=eps, seed=s, study="grid", status="failed",
                         reason=setup.missing[subset][:200])
@@ -321,12 +324,14 @@ def run_grid(setup: Setup, subsets: Sequence[str], epsilons: Sequence[float], se
                     sample_rate=setup.sample_rate)
                 add("val_acc", r["val_acc"], method=subset, epsilon=r["epsilon"], seed=s, study="grid",
                     target_epsilon=eps)
+    bar.close()
     return rows
 
 
 def nonprivate_reference(setup: Setup, seeds: Sequence[int], add: Callable[..., Any]) -> float:
     """Mean test accuracy of fine-tuning all layers without DP (recorded at epsilon = inf)."""
-    acc = float(np.mean([finetune(setup, "all", None, s, private=False)["test_acc"] for s in seeds]))
+    acc = float(np.mean([finetune(setup, "all", None, s, private=False)["test_acc"]
+                         for s in tqdm(list(seeds), desc="non-private reference", unit="run")]))
     add("test_acc", acc, method="all (non-private)", epsilon=math.inf, study="reference")
     return acc
 
@@ -423,7 +428,7 @@ def run_private_selection(setup: Setup, candidates: Sequence[str], epsilons: Seq
     """
     rows, ledgers = [], []
     q, steps, delta, n = setup.sample_rate, setup.steps, setup.delta, setup.n_private
-    for eps in epsilons:
+    for eps in tqdm(list(epsilons), desc="private selection", unit="ε"):
         try:
             sigma_sel = tuning.calibrate_selection_noise(eps, q, steps, dist, delta=delta,
                                                          score_noise_multiplier=score_noise_multiplier, n=n)
