@@ -303,7 +303,12 @@ def test_random_networks_match_the_naive_loop_or_are_refused(case):
                 eng.remove()
         return
     names = list(ps)
-    C = float(sum(v.flatten(1).pow(2).sum(1) for v in ps.values()).sqrt().median()) + 1e-3
+    total = sum(v.flatten(1).pow(2).sum(1) for v in ps.values()).sqrt()
+    C = float(total.median()) + 1e-3
+    # "Exact" means equal up to rounding at the scale of the whole gradient: a layer whose
+    # gradient is zero in exact arithmetic (a 1x1 conv before a one-channel GroupNorm) has
+    # norms of rounding noise, ~1e-14, in the engine and in the naive loop alike.
+    floor = 1e-10 * (float(total.max()) + 1e-30)
     for style in STYLES:
         groups, kw = reference_groups(style, names)
         for clip_fn in CLIP_FNS:
@@ -322,14 +327,16 @@ def test_random_networks_match_the_naive_loop_or_are_refused(case):
                 except UserError as e:
                     assert any(r in str(e) for r in REFUSALS), str(e)
                     STATS["refused"] += 1
+                    STATS.setdefault("refusals", set()).add(str(e)[:60])
                     return
                 finally:
                     eng.remove()
                 ref, ref_norms = naive_clipped(ps, groups, eng.thresholds, clip_fn, gamma=0.05)
                 for n, p in net.named_parameters():
                     if p.requires_grad:
-                        assert rel_err(p.grad, ref[n]) <= TOL or (p.grad - ref[n]).norm() < 1e-12, \
+                        assert (p.grad - ref[n]).norm() <= TOL * ref[n].norm() + floor, \
                             (n, method, style, clip_fn, rel_err(p.grad, ref[n]))
                 for g in groups:
-                    assert rel_err(norms[g], ref_norms[g]) <= TOL, (g, method, style, clip_fn)
+                    assert (norms[g] - ref_norms[g]).abs().max() <= TOL * ref_norms[g].abs().max() + floor, \
+                        (g, method, style, clip_fn, rel_err(norms[g], ref_norms[g]))
     STATS["exact"] += 1
