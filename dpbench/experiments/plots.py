@@ -92,7 +92,7 @@ def bars_marking_missing(ax, labels: Sequence[str], values: Sequence[float | Non
             ok = len(r) > 1 and not math.isnan(v)
             lo.append(max(v - min(r), 0.0) if ok else 0.0)
             hi.append(max(max(r) - v, 0.0) if ok else 0.0)
-        err = [lo, hi]
+        err = [lo, hi] if any(lo) or any(hi) else None  # no spread anywhere: no zero-length whiskers
     ax.bar(range(len(vals)), [0.0 if math.isnan(v) else v for v in vals], color=colors,
            yerr=err, capsize=0 if err is None else 3)
     for i, v in enumerate(vals):
