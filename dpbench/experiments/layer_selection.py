@@ -534,8 +534,8 @@ def plot_best_per_eps(ax, mean, sd, best, *, backbone_acc: float, nonprivate: fl
         ax.errorbar(mean.columns, mean.loc[s], yerr=sd.loc[s].fillna(0), marker="o", capsize=3, label=s)
     for e in mean.columns:
         ax.plot([e], [mean.loc[best[e], e]], marker="*", ms=16, color="k", zorder=5)
-        ax.annotate(best[e], (e, mean.loc[best[e], e]), textcoords="offset points", xytext=(0, 9), ha="center",
-                    fontsize=7)
+        ax.annotate(best[e], (e, mean.loc[best[e], e]), textcoords="offset points", xytext=(7, 7), ha="left",
+                    fontsize=7)  # up and right of the star: clear of the y tick labels at the first epsilon
     ax.axhline(backbone_acc, color="gray", ls=":", label="backbone, no fine-tuning")
     if nonprivate is not None:
         ax.axhline(nonprivate, color="gray", ls="--", label="all, non-private")
