@@ -728,13 +728,35 @@ class ClippingEngine:
                     "@dpbench.clipping.register_rule")
         self._check_sums = None
 
+    def _replay_forward(self, rec, rows, B):
+        """The recorded forward on the bare model (hooks muted, same RNG), on `rows` or all."""
+        take = lambda t: t[rows] if rows is not None and isinstance(t, torch.Tensor) and t.dim() and \
+            t.shape[0] == B else t  # noqa: E731
+        flat, spec = tree_flatten(rec["inputs"])
+        args, kwargs = tree_unflatten([take(t) for t in flat], spec)
+        cpu, cuda = rec["rng"]
+        devices = list(range(len(cuda))) if cuda is not None else []
+        self._muted = True
+        try:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                torch.set_rng_state(cpu)
+                if cuda is not None:
+                    torch.cuda.set_rng_state_all(cuda)
+                out = self.model(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - a forward that cannot run on a subset: no reference from it
+            return None
+        finally:
+            self._muted = False
+        return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+
     def _per_sample_check(self, losses):
         """Per-sample norms of every clipped parameter on a few samples against a reference.
 
         The reference replays the recorded forward pass on the bare model (hooks muted, same
-        inputs and RNG state), so direct parameters and every rule are bypassed, and takes
-        one sample's gradient through it: d loss_i / d out from the recorded graph, then
-        through the replayed graph to the parameters. This sees per-sample misattribution
+        inputs and RNG state) for the checked samples only (the whole batch when the rows do
+        not reproduce, e.g. under dropout), so direct parameters and every rule are bypassed,
+        and takes one sample's gradient through it: d loss_i / d out from the recorded graph,
+        then through the replayed graph to the parameters. This sees per-sample misattribution
         (e.g. one sample credited with the whole batch's gradient), which a sum cannot.
         """
         sq, self._check_sq = self._check_sq, None
@@ -746,28 +768,24 @@ class ClippingEngine:
             return
         names = [n for n in sq if n in self._params]
         params = [self._params[n] for n in names]
-        args, kwargs = rec["inputs"]
-        cpu, cuda = rec["rng"]
-        devices = list(range(len(cuda))) if cuda is not None else []
-        self._muted = True
-        try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
-                torch.set_rng_state(cpu)
-                if cuda is not None:
-                    torch.cuda.set_rng_state_all(cuda)
-                ref_out = self.model(*args, **kwargs)
-        finally:
-            self._muted = False
-        ref_outs = [t for t in tree_flatten(ref_out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
-        if len(ref_outs) != len(outs) or any(a.shape != b.shape for a, b in zip(outs, ref_outs)):
-            return
-        if any(not torch.allclose(a.detach(), b.detach(), rtol=1e-5, atol=1e-6) for a, b in zip(outs, ref_outs)):
-            return  # not reproducible (e.g. a random op outside torch's RNG): no reference
         B = losses.shape[0]
+        idx = sorted({0, B // 2, B - 1})
+        # Replay only the checked samples (little memory); a forward whose rows depend on the
+        # batch (dropout masks) is replayed whole instead.
+        for rows in (idx, None):
+            ref_outs = self._replay_forward(rec, rows, B)
+            mine = [o if rows is None else o[rows] for o in outs]
+            if ref_outs is not None and len(ref_outs) == len(mine) and all(
+                    a.shape == b.shape and torch.allclose(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+                    for a, b in zip(mine, ref_outs)):
+                break
+        else:
+            return  # not reproducible (e.g. a random op outside torch's RNG): no reference
         dtype = next(iter(sq.values())).dtype
         tol = 1e-6 if dtype == torch.float64 else (1e-3 if dtype == torch.float32 else 3e-2)
-        for i in sorted({0, B // 2, B - 1}):
+        for i in idx:
             go = torch.autograd.grad(losses[i], outs, retain_graph=True, allow_unused=True)
+            go = [g if g is None or rows is None else g[rows] for g in go]
             pairs = [(o, g) for o, g in zip(ref_outs, go) if g is not None]
             if not pairs:
                 continue
