@@ -160,7 +160,8 @@ class AddInPlace(nn.Module):
 
 
 def _b_models():
-    yield "reflect", AddInPlace(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Conv2d(2, 2, 1), 50), (2, 5, 5)
+    reflect = nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")
+    yield "reflect", AddInPlace(reflect, nn.Conv2d(2, 2, 1), 50), (2, 5, 5)
     yield "same_even", AddInPlace(nn.Conv2d(2, 2, 4, padding="same"), nn.Conv2d(2, 2, 1), 50), (2, 5, 5)
 
     class Permuted(nn.Module):

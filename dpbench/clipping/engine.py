@@ -452,8 +452,8 @@ class ClippingEngine:
                 if u.version is not None and u.act._version != u.version:
                     self._clear_uses()
                     raise UserError(
-                        f"the input of layer {l.name!r} ({type(l.module).__name__}) was changed in place after the layer "
-                        "read it (for example `x += layer(x)` or an in-place activation on it); the engine keeps "
+                        f"the input of layer {l.name!r} ({type(l.module).__name__}) was changed in place after the "
+                        "layer read it (for example `x += layer(x)` or an in-place activation on it); the engine keeps "
                         "that input for per-sample gradients, so write it out of place (`x = x + layer(x)`)")
 
     def _clear_uses(self):
