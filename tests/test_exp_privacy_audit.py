@@ -89,3 +89,43 @@ def test_figures_one_panel_per_canary(audited):
     only_gradient = [r for r in rows if r["canary"] == "gradient"]
     assert pa.canaries(only_gradient) == ["gradient"] and np.size(pa.plot_claimed_vs_audited(
         only_gradient, confidence=0.95).axes) == 1
+
+
+# ---------------------------------------------------------------------------- every mechanism
+
+
+def _mech_rows():
+    from dpbench.training import audit_mechanisms as M
+
+    rng = np.random.default_rng(0)
+    m = rng.random(2000) < 0.5
+    audits = [
+        M.CanaryAudit("pipeline_noise", "correct", "one_step_sum", 1.3, 1.3, 1e-5, m, {"sum": rng.normal(size=2000)}),
+        M.CanaryAudit("data_parallel", "no_rank_noise", "one_step_sum", 1.3, float("inf"), 1e-5, m,
+                      {"coordinate": m.astype(float)}),
+        M.CanaryAudit("dpsgd_run", "shuffled_batches", "all_iterates", 2.8, 2.2, 1e-5, m,
+                      {"sum": rng.normal(size=2000)}, independent=False, true_relation=">="),
+        M.CanaryAudit("dpsgd_run", "ledger_half_steps", "all_iterates", 2.3, 2.8, 1e-5, m,
+                      {"sum": rng.normal(size=2000)},
+                      model_scores=lambda k, r: (0.8 + r.normal(size=k), r.normal(size=k))),
+    ]
+    return [M.summarize(a) for a in audits]
+
+
+def test_mechanism_table_and_explanation_are_computed_from_the_rows(tmp_path):
+    rows = _mech_rows()
+    table = pa.mechanism_table(rows)
+    assert list(table["status"]) == ["sound", "detected", "no gap", "not detected"]
+    assert list(table["true eps"]) == ["1.30", "inf", ">= 2.20", "2.80"]
+    assert table["trials needed"].iloc[3].startswith("~") and table["trials needed"].iloc[0] == ""
+    text = pa.explain_mechanisms(rows)
+    assert "*all_iterates*" in text and "*one_step_sum*" in text
+    assert "1 of 1 have their audited bound at or below the claim" in text
+    assert "**data_parallel/no_rank_noise**" in text and "**detected**" in text
+    assert "Chua et al." in text and "trials for the many-trials bound" in text
+    rec = _Rec()
+    assert pa.record_mechanisms(rec, rows, seed=2) == len(rows) * len(pa.MECHANISM_METRICS)
+    assert {r["audit_status"] for r in rec.rows} == {"sound", "detected", "no gap", "not detected"}
+    path = pa.save_mechanism_table(rows, str(tmp_path))
+    assert path.read_text().splitlines()[0].startswith("mechanism,variant,threat model,claimed eps")
+    assert pa.save_mechanism_table(rows, "") is None

@@ -148,7 +148,7 @@ def summarize(a: CanaryAudit, confidence: float = 0.95, seed: int = 0, project: 
         status = "undetectable: ceiling below claim" if ceiling <= claim else "not detected"
         if project and a.model_scores is not None:
             s_in, s_out = a.model_scores(400_000, np.random.default_rng(seed + 99))
-            needed = projected_trials(s_in, s_out, claim, confidence, a.delta)
+            needed = projected_trials(s_in, s_out, claim, c_each, a.delta)  # the level the audit certifies at
     return {
         "mechanism": a.mechanism, "variant": a.variant, "fault": a.fault, "threat_model": a.threat_model,
         "claimed_epsilon": claim, "true_epsilon": true, "true_relation": a.true_relation,
@@ -221,7 +221,8 @@ def audit_dpsgd_run(variant: str = "correct", *, canaries: int = 20_000, sample_
     Variants: "correct" (Poisson, q < 1); "shuffled_batches" (fit's fixed-size shuffled batches,
     approximate=True: the ledger is fed q as if Poisson, Chua et al. 2024); "ledger_half_steps"
     (Poisson run, a ledger subclass that records half of the steps). The claim is the run's
-    ledger epsilon. Release y_tj = -(w_t - w_{t-1})_j E[B] / (lr C): 1[j in batch t] + N(0, sigma^2).
+    ledger epsilon. Release y_tj = -(w_t - w_{t-1})_j (q m/2) / (lr C) ~ 1[j in batch t] + N(0, sigma^2)
+    (scaled by the public m/2, not the realised n: within about 1/sqrt(m) of that).
     """
     from dpbench.training.loop import BatchSpec, ClipSpec, EvalSpec, OptimSpec, PrivacySpec, fit
 
@@ -253,9 +254,10 @@ def audit_dpsgd_run(variant: str = "correct", *, canaries: int = 20_000, sample_
               optim=OptimSpec("sgd", lr, loss_fn=_dirac_loss(1e3 * max_grad_norm)),
               evaluation=EvalSpec(every=None, progress=False), hooks=[record], seed=seed)
     w = torch.stack(iterates).numpy()
-    expected = res.optimizer.expected_batch_size
-    y = -(w[1:] - w[:-1]) * expected / (lr * max_grad_norm)
     q, sigma, T = float(res.sample_rate), float(noise_multiplier), int(steps)
+    # Undo the optimizer's 1/(q n) with the PUBLIC constant q m / 2 (the expected n), not the
+    # realised n, which depends on the memberships: a score must be a function of the release.
+    y = -(w[1:] - w[:-1]) * (q * m / 2) / (lr * max_grad_norm)
     batches = max(1, int(round(1 / q)))
     claim = float(ledger.epsilon())
     if variant == "correct":
@@ -573,7 +575,7 @@ def audit_pipeline_noise(variant: str = "correct", *, canaries: int = 20_000, st
     finally:
         engine.remove()
     w = torch.stack([s.weight.detach()[:, 0] for s in model.stages]).numpy()  # (K, m)
-    y = -w * expected / (lr * C)  # stage k: C_k/C * 1[member] + N(0, sigma^2)
+    y = -w * (m / 2) / (lr * C)  # public scale m/2 ~ n: stage k gets C_k/C * 1[member] + N(0, sigma^2)
     score = y.sum(0) / math.sqrt(K)  # mean 1 for a member, noise std sigma (correct)
     claim = float(accounting.gaussian_mechanism_epsilon(noise_multiplier, delta))
     sig_true = noise_multiplier if variant == "correct" else noise_multiplier / math.sqrt(K)
@@ -629,7 +631,7 @@ def _dp_worker(rank: int, world: int, port: int, out_path: str, variants: Sequen
         members = _members(canaries, seed)
         idx = torch.as_tensor(np.flatnonzero(members), dtype=torch.long)
         for v in variants:
-            mode = "shares" if v in ("correct_shares", "shares_var_over_w2") else "rank0"
+            mode = "shares" if v in ("correct_shares", "shares_var_over_w2", "overnoise_every_rank") else "rank0"
             group = DataParallel(noise=mode)
             cls = {"no_rank_noise": _NoRankNoise, "shares_var_over_w2": _SharesOverW2,
                    "overnoise_every_rank": _FullOnEveryRank}.get(v, DistributedDPOptimizer)
@@ -645,7 +647,7 @@ def _dp_worker(rank: int, world: int, port: int, out_path: str, variants: Sequen
                 opt.step()
             finally:
                 engine.remove()
-            out[v] = -model.weight.detach()[:, 0].numpy() * len(idx) / (lr * max_grad_norm)
+            out[v] = -model.weight.detach()[:, 0].numpy() * (canaries / 2) / (lr * max_grad_norm)  # public scale
         if rank == 0:
             np.savez(out_path, **out)
         dist.barrier()
