@@ -11,7 +11,8 @@ import pytest
 from conftest import tree_snapshot
 
 import dpbench
-from dpbench.workbench import runner
+import dpbench.training
+from dpbench.workbench import params
 from dpbench.workbench.cli import main
 from dpbench.errors import UserError
 
@@ -46,7 +47,7 @@ def _bad(fake_repo, capsys, argv, match):
 
 @pytest.fixture
 def no_cuda(monkeypatch):
-    monkeypatch.setattr(runner, "cuda_available", lambda: False)
+    monkeypatch.setattr(params, "cuda_available", lambda: False)
 
 
 @pytest.fixture(params=["empty", "with_results"])
@@ -105,7 +106,7 @@ def test_malformed_yaml(fake_repo, capsys):
 
 def test_reproduce_preflights_every_notebook_first(fake_repo, capsys, monkeypatch):
     # 01_down is fine but 00_tiny's gpu data set is missing: nothing may start.
-    monkeypatch.setattr(runner, "cuda_available", lambda: True)
+    monkeypatch.setattr(params, "cuda_available", lambda: True)
     _fake_data_module(monkeypatch)
     _bad(fake_repo, capsys, ["reproduce", "--profile", "gpu"], "data set 'cifar10' not found")
 
@@ -138,7 +139,8 @@ def test_bench_is_delegated_lazily(monkeypatch, capsys):
     fake.add_cli_arguments = lambda parser: parser.add_argument("--profile", required=True)
     fake.cli = lambda args: seen.setdefault("profile", args.profile) and 0
     monkeypatch.setitem(sys.modules, "dpbench.training.bench", fake)
-    monkeypatch.setattr(dpbench, "bench", fake, raising=False)
+    # `from dpbench.training import bench` reads the package attribute once the module was imported
+    monkeypatch.setattr(dpbench.training, "bench", fake, raising=False)
     assert main(["bench", "--profile", "cpu"]) == 0
     assert seen == {"profile": "cpu"}
     assert main(["bench"]) == 2
@@ -147,7 +149,7 @@ def test_bench_is_delegated_lazily(monkeypatch, capsys):
 
 def test_bench_missing_module_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "dpbench.training.bench", None)  # import raises ModuleNotFoundError
-    monkeypatch.delattr(dpbench, "bench", raising=False)
+    monkeypatch.delattr(dpbench.training, "bench", raising=False)
     assert main(["bench", "--profile", "cpu"]) == 2
     assert "dpbench/training/bench.py is missing" in capsys.readouterr().err
 
@@ -156,7 +158,7 @@ def test_parser_and_runner_import_no_heavy_modules():
     # Whatever `import dpbench` itself needs is allowed; the CLI and runner add nothing heavy.
     code = (
         "import sys, dpbench; base = set(sys.modules); "
-        "from dpbench.workbench.cli import build_parser; import dpbench.workbench.runner, dpbench.workbench.report; "
+        "from dpbench.workbench.cli import build_parser; import dpbench.workbench.runner, dpbench.workbench.params, dpbench.workbench.scheduling, dpbench.workbench.report; "
         "build_parser().parse_args(['run', 'x', '--profile', 'cpu']); "
         "heavy = ('torch', 'papermill', 'yaml', 'pandas', 'matplotlib', 'timm', 'dp_accounting'); "
         "print(sorted(m for m in heavy if m in sys.modules and m not in base))"

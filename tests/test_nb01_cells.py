@@ -11,7 +11,7 @@ import pytest
 
 from dpbench.training import bench
 from dpbench.experiments import clipping_efficiency as cx
-from dpbench.workbench import runner
+from dpbench.workbench import params
 from dpbench.workbench.results import Recorder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ ISSUE_METHODS = {"nonprivate", "opacus_hooks", "opacus_ghost", "instantiate", "g
 
 
 def _params(profile):
-    return runner.load_yaml(REPO / "params" / NB / f"{profile}.yaml")
+    return params.load_yaml(REPO / "params" / NB / f"{profile}.yaml")
 
 
 def _cells(p, device="cpu"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dpbench.workbench import runner
+from dpbench.workbench import params
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -22,31 +22,31 @@ IDS = [p.stem for p in NOTEBOOKS]
 def _yaml(nb: Path, profile: str) -> dict:
     path = REPO / "params" / nb.stem / f"{profile}.yaml"
     assert path.is_file(), f"{nb.stem} needs params/{nb.stem}/{profile}.yaml"
-    return runner.load_yaml(path)
+    return params.load_yaml(path)
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=IDS)
 def test_parameters_cell_is_literals_with_reserved_keys(nb):
-    defaults = runner.parameters_cell(nb)  # raises UserError on anything but `name = literal`
-    assert list(defaults)[:4] == list(runner.RESERVED), "the cell starts with profile, output_dir, seed, device"
+    defaults = params.parameters_cell(nb)  # raises UserError on anything but `name = literal`
+    assert list(defaults)[:4] == list(params.RESERVED), "the cell starts with profile, output_dir, seed, device"
     assert defaults["profile"] == "smoke" and defaults["output_dir"] == ""
     assert isinstance(defaults["seed"], int) and isinstance(defaults["device"], str)
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=IDS)
 def test_smoke_yaml_equals_cell_defaults(nb):
-    defaults = runner.parameters_cell(nb)
-    smoke = {k: v for k, v in _yaml(nb, "smoke").items() if k not in runner.META_KEYS}
-    expected = {k: v for k, v in defaults.items() if k not in runner.RESERVED}
+    defaults = params.parameters_cell(nb)
+    smoke = {k: v for k, v in _yaml(nb, "smoke").items() if k not in params.META_KEYS}
+    expected = {k: v for k, v in defaults.items() if k not in params.RESERVED}
     assert smoke == expected
 
 
 @pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu"])
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=IDS)
 def test_profile_keys_exist_with_matching_types(nb, profile):
-    defaults = runner.parameters_cell(nb)
-    params = _yaml(nb, profile)
-    for key, value in params.items():
+    defaults = params.parameters_cell(nb)
+    profile_values = _yaml(nb, profile)
+    for key, value in profile_values.items():
         if key == "exclusive":
             assert isinstance(value, bool), "exclusive: true or false"
             continue
@@ -57,9 +57,9 @@ def test_profile_keys_exist_with_matching_types(nb, profile):
             continue
         assert key not in ("profile", "output_dir"), f"{key} is injected by the runner"
         assert key in defaults, f"{profile}.yaml key {key!r} is not in the parameters cell"
-        runner.coerce_value(key, value, defaults[key], f"{profile}.yaml")  # UserError on a type mismatch
+        params.coerce_value(key, value, defaults[key], f"{profile}.yaml")  # UserError on a type mismatch
     # The whole resolution path (the one `dpbench run` takes) accepts it too.
-    spec = runner.resolve(REPO, nb.stem, profile)
+    spec = params.resolve(REPO, nb.stem, profile)
     if profile == "gpu":
         assert spec.device == "auto" or spec.device.startswith("cuda")
     else:

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from conftest import write_notebook
-from dpbench.workbench import runner
+from dpbench.workbench import scheduling
 
 PARAMS = 'profile = "smoke"\noutput_dir = ""\nseed = 0\ndevice = "cpu"\nsleep = 0.0\nfail = False\n'
 PROBE = '''import json, os, time
@@ -51,7 +51,7 @@ def _probe(repo, nb):
 
 def test_jobs_run_in_parallel_isolated_in_dependency_order(probe_repo, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 4)  # so the per-job share is visible: 4 / 2
-    results = runner.reproduce("cpu", jobs=2, progress=False)
+    results = scheduling.reproduce("cpu", jobs=2, progress=False)
     assert [r.notebook for r in results] == list(NAMES)
     assert all(r.status == "ok" for r in results), [r.error for r in results]
     a, b, c = (_probe(probe_repo, nb) for nb in NAMES)
@@ -61,7 +61,7 @@ def test_jobs_run_in_parallel_isolated_in_dependency_order(probe_repo, monkeypat
     assert len({a["runtime"], b["runtime"], c["runtime"]}) == 3  # own connection-file folder each
     assert len({a["pid"], c["pid"]}) == 2
     # a second reproduce finds everything cached
-    again = runner.reproduce("cpu", jobs=2, progress=False)
+    again = scheduling.reproduce("cpu", jobs=2, progress=False)
     assert [r.status for r in again] == ["skipped"] * 3
 
 
@@ -72,7 +72,7 @@ def test_failure_is_isolated_and_exclusive_notebook_runs_alone(probe_repo, monke
     (probe_repo / "params" / "13_d").mkdir()
     (probe_repo / "params" / "13_d" / "smoke.yaml").write_text("sleep: 0.0\nfail: false\n")
     (probe_repo / "params" / "13_d" / "cpu.yaml").write_text("sleep: 3.0\n")
-    results = {r.notebook: r for r in runner.reproduce("cpu", jobs=2, progress=False)}
+    results = {r.notebook: r for r in scheduling.reproduce("cpu", jobs=2, progress=False)}
     assert results["10_a"].status == "failed" and "probe failed on request" in results["10_a"].error["message"]
     assert results["11_b"].status == "failed" and results["11_b"].error["name"] == "UpstreamFailed"
     assert results["12_c"].status == "ok" and results["13_d"].status == "ok"
@@ -80,11 +80,11 @@ def test_failure_is_isolated_and_exclusive_notebook_runs_alone(probe_repo, monke
     c, d = _probe(probe_repo, "12_c"), _probe(probe_repo, "13_d")
     assert c["end"] <= d["start"] or d["end"] <= c["start"]  # the exclusive one never shared the machine
     assert c["omp"] == str(os.cpu_count())  # and it had every core
-    assert runner.failure_summary(list(results.values())).startswith("2 ran ok, 0 up to date, 2 failed")
+    assert scheduling.failure_summary(list(results.values())).startswith("2 ran ok, 0 up to date, 2 failed")
 
 
 def test_jobs_must_be_positive(probe_repo):
     from dpbench.errors import UserError
 
     with pytest.raises(UserError, match="--jobs"):
-        runner.reproduce("cpu", jobs=0, progress=False)
+        scheduling.reproduce("cpu", jobs=0, progress=False)

@@ -12,7 +12,7 @@ import json
 import pytest
 from conftest import read_json, tree_snapshot, write_notebook
 
-from dpbench.workbench import runner
+from dpbench.workbench import params, runner, scheduling
 from dpbench.workbench.cli import main
 from dpbench.errors import UserError
 from dpbench.workbench.results import COLUMNS, load_metrics
@@ -21,15 +21,15 @@ from dpbench.workbench.results import COLUMNS, load_metrics
 
 
 def test_parameters_cell_parses_literals(fake_repo):
-    params = runner.parameters_cell(fake_repo / "notebooks" / "00_tiny.ipynb")
-    assert params == {"profile": "smoke", "output_dir": "", "seed": 0, "device": "cpu", "n": 3,
+    cell = params.parameters_cell(fake_repo / "notebooks" / "00_tiny.ipynb")
+    assert cell == {"profile": "smoke", "output_dir": "", "seed": 0, "device": "cpu", "n": 3,
                       "scale": 1.0, "label": "", "fail": False, "dataset": "digits"}
 
 
 @pytest.mark.parametrize("source", ["x = 1 + len('a')", "import os", "x = y", "x, y = 1, 2", "x = ("])
 def test_parameters_cell_rejects_non_literals(source):
     with pytest.raises(UserError):
-        runner.parse_parameters(source)
+        params.parse_parameters(source)
 
 
 def test_notebook_without_parameters_tag_is_a_user_error(fake_repo):
@@ -39,7 +39,7 @@ def test_notebook_without_parameters_tag_is_a_user_error(fake_repo):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
     nbformat.write(nb, str(path))
     with pytest.raises(UserError, match="parameters"):
-        runner.parameters_cell(path)
+        params.parameters_cell(path)
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_notebook_without_parameters_tag_is_a_user_error(fake_repo):
     ],
 )
 def test_coerce_value_accepts(value, default, expected):
-    out = runner.coerce_value("k", value, default)
+    out = params.coerce_value("k", value, default)
     assert out == expected and type(out) is type(expected)
 
 
@@ -66,14 +66,14 @@ def test_coerce_value_accepts(value, default, expected):
 )
 def test_coerce_value_rejects(value, default):
     with pytest.raises(UserError, match=r"'k(\[0\])?'"):
-        runner.coerce_value("k", value, default)
+        params.coerce_value("k", value, default)
 
 
 def test_resolve_merges_yaml_overrides_and_reserved(fake_repo):
-    spec = runner.resolve(fake_repo, "00_tiny", "cpu", [("scale", "0.5"), ("label", "abc"), ("seed", "7")])
+    spec = params.resolve(fake_repo, "00_tiny", "cpu", [("scale", "0.5"), ("label", "abc"), ("seed", "7")])
     assert spec.params == {"profile": "cpu", "seed": 7, "device": "cpu", "n": 4, "scale": 0.5, "label": "abc"}
     assert isinstance(spec.params["scale"], float)
-    down = runner.resolve(fake_repo, "01_down", "cpu")
+    down = params.resolve(fake_repo, "01_down", "cpu")
     assert down.requires == ["00_tiny"] and "requires" not in down.params
 
 
@@ -90,45 +90,45 @@ def test_resolve_merges_yaml_overrides_and_reserved(fake_repo):
 )
 def test_resolve_rejects_bad_overrides(fake_repo, overrides, match):
     with pytest.raises(UserError, match=match):
-        runner.resolve(fake_repo, "00_tiny", "cpu", overrides)
+        params.resolve(fake_repo, "00_tiny", "cpu", overrides)
 
 
 def test_malformed_yaml_names_file_and_line(fake_repo):
     (fake_repo / "params" / "00_tiny" / "cpu.yaml").write_text("n: 4\nscale: [1, 2\nlabel: x\n")
     with pytest.raises(UserError, match=r"cpu\.yaml line \d+"):
-        runner.resolve(fake_repo, "00_tiny", "cpu")
+        params.resolve(fake_repo, "00_tiny", "cpu")
 
 
 def test_unknown_notebook_and_profile_list_valid_ones(fake_repo):
     with pytest.raises(UserError, match="valid notebooks: 00_tiny, 01_down"):
-        runner.resolve(fake_repo, "07_missing", "cpu")
+        params.resolve(fake_repo, "07_missing", "cpu")
     with pytest.raises(UserError, match="valid profiles: smoke, cpu, gpu"):
-        runner.resolve(fake_repo, "00_tiny", "laptop")
+        params.resolve(fake_repo, "00_tiny", "laptop")
 
 
 # ---------------------------------------------------------------- pre-flight (no kernel)
 
 
-def _spec(profile, device, **params):
-    return runner.RunSpec("nb", profile, None, None, {"profile": profile, "seed": 0, "device": device, **params})
+def _spec(profile, device, **values):
+    return params.RunSpec("nb", profile, None, None, {"profile": profile, "seed": 0, "device": device, **values})
 
 
 def test_device_check(monkeypatch):
-    monkeypatch.setattr(runner, "cuda_available", lambda: False)
-    runner.check_device(_spec("cpu", "cpu"))
-    runner.check_device(_spec("gpu", "auto"))  # auto is allowed to fall back, by request
+    monkeypatch.setattr(params, "cuda_available", lambda: False)
+    params.check_device(_spec("cpu", "cpu"))
+    params.check_device(_spec("gpu", "auto"))  # auto is allowed to fall back, by request
     for spec in (_spec("gpu", "cuda"), _spec("cpu", "cuda:0"), _spec("gpu", "cpu")):
         with pytest.raises(UserError, match="no CUDA device"):
-            runner.check_device(spec)
+            params.check_device(spec)
     with pytest.raises(UserError, match="unknown device"):
-        runner.check_device(_spec("cpu", "tpu"))
-    monkeypatch.setattr(runner, "cuda_available", lambda: True)
-    runner.check_device(_spec("gpu", "cuda"))
+        params.check_device(_spec("cpu", "tpu"))
+    monkeypatch.setattr(params, "cuda_available", lambda: True)
+    params.check_device(_spec("gpu", "cuda"))
 
 
 def test_dataset_names_and_check(monkeypatch):
-    params = {"dataset": "cifar10", "public_dataset": "svhn", "datasets": ["mnist", "cifar10"], "other": "x", "n": 1}
-    assert runner.dataset_names(params) == ["cifar10", "svhn", "mnist"]
+    values = {"dataset": "cifar10", "public_dataset": "svhn", "datasets": ["mnist", "cifar10"], "other": "x", "n": 1}
+    assert params.dataset_names(values) == ["cifar10", "svhn", "mnist"]
     seen = []
 
     class FakeData:
@@ -143,17 +143,17 @@ def test_dataset_names_and_check(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "dpbench.data", FakeData)
     monkeypatch.setattr(dpbench, "data", FakeData, raising=False)
     with pytest.raises(UserError, match="svhn missing"):
-        runner.check_datasets(_spec("cpu", "cpu", data_root="/d", **params))
+        params.check_datasets(_spec("cpu", "cpu", data_root="/d", **values))
     assert seen == [("cifar10", "/d"), ("svhn", "/d")]
 
 
 def test_dependency_order_and_cycles(fake_repo):
-    specs = {n: runner.RunSpec(n, "cpu", None, None, {}, req) for n, req in
+    specs = {n: params.RunSpec(n, "cpu", None, None, {}, req) for n, req in
              [("a", ["c"]), ("b", []), ("c", ["b"]), ("d", ["a", "b"])]}
-    assert [s.notebook for s in runner.topological(specs)] == ["b", "c", "a", "d"]
+    assert [s.notebook for s in scheduling.topological(specs)] == ["b", "c", "a", "d"]
     (fake_repo / "params" / "00_tiny" / "cpu.yaml").write_text("requires: [01_down]\n")
     with pytest.raises(UserError, match="cycle"):
-        runner.Runner(fake_repo).plan(["01_down"], "cpu")
+        scheduling.plan(runner.Runner(fake_repo), ["01_down"], "cpu")
 
 
 def test_swap_in_replaces_folder(tmp_path):
@@ -184,7 +184,7 @@ def test_cache_key_covers_params_notebook_and_upstream(fake_repo):
     (up / "manifest.json").write_text(json.dumps({"status": "ok", "started": "1"}))
 
     def key(nb, overrides=()):
-        spec = runner.resolve(fake_repo, nb, "cpu", overrides)
+        spec = params.resolve(fake_repo, nb, "cpu", overrides)
         return r.cache_key(spec, r.hashes(spec), r.upstream_hashes(spec))
 
     base, down = key("00_tiny"), key("01_down")

@@ -11,6 +11,7 @@ import os
 import sys
 
 from dpbench.errors import EXIT_USER_ERROR, UserError
+from dpbench.workbench import params, runner, scheduling
 
 EXIT_FAILED = 1
 
@@ -95,27 +96,23 @@ def _bench(argv: list[str]) -> int:
 
 
 def _list() -> int:
-    from dpbench.workbench import runner
-
     r = runner.Runner()
-    names = runner.list_notebooks(r.repo)
+    names = params.list_notebooks(r.repo)
     if not names:
         print(f"no notebooks in {r.repo / 'notebooks'}")
         return 0
     width = max(len(n) for n in names)
-    print(f"{'notebook':<{width}}  " + "  ".join(f"{p:<24}" for p in runner.PROFILES))
+    print(f"{'notebook':<{width}}  " + "  ".join(f"{p:<24}" for p in params.PROFILES))
     for nb in names:
-        have = runner.list_profiles(r.repo, nb)
-        cells = [(r.status(p, nb) if p in have else "(no params)") for p in runner.PROFILES]
+        have = params.list_profiles(r.repo, nb)
+        cells = [(r.status(p, nb) if p in have else "(no params)") for p in params.PROFILES]
         print(f"{nb:<{width}}  " + "  ".join(f"{c:<24}" for c in cells))
     print(f"results: {r.results}")
     return 0
 
 
 def _finish(results) -> int:
-    from dpbench.workbench.runner import failure_summary
-
-    print(failure_summary(results), file=sys.stderr)
+    print(scheduling.failure_summary(results), file=sys.stderr)
     return 0 if all(r.ok for r in results) else EXIT_FAILED
 
 
@@ -126,17 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "bench":
             return _bench(argv[1:])
         args = build_parser().parse_args(argv)
-        from dpbench.workbench import runner
-
         if getattr(args, "download", False):
             os.environ["DPBENCH_DOWNLOAD"] = "1"  # seen by the pre-flight check and by every kernel
         if args.command == "list":
             return _list()
         if args.command == "run":
-            return _finish(runner.run_notebook(args.notebook, args.profile, args.param, force=args.force,
+            return _finish(scheduling.run_notebook(args.notebook, args.profile, args.param, force=args.force,
                                                progress=not args.no_progress))
         if args.command == "reproduce":
-            return _finish(runner.reproduce(args.profile, force=args.force, progress=not args.no_progress,
+            return _finish(scheduling.reproduce(args.profile, force=args.force, progress=not args.no_progress,
                                             jobs=args.jobs))
         if args.command == "train":
             from dpbench.workbench import launch

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from dpbench.workbench import verdicts
+from dpbench.workbench import params, runner, verdicts
 from dpbench.errors import UserError
 from dpbench.atomic import write_atomic
 from dpbench.workbench.results import STYLE_FILE
@@ -117,9 +117,7 @@ def resolve_side(arg: str, repo: str | os.PathLike | None = None) -> Path:
     path = Path(arg).expanduser()
     if path.is_dir():
         return path.resolve()
-    from dpbench.workbench import runner
-
-    if arg in runner.PROFILES:
+    if arg in params.PROFILES:
         try:
             root = runner.results_root(repo)
         except UserError:
@@ -410,8 +408,6 @@ def default_output(a: Side, b: Side) -> Path:
     def slug(s: str) -> str:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "x"
     name = f"{slug(a.label)}-vs-{slug(b.label)}.png"
-    from dpbench.workbench import runner
-
     try:
         return runner.results_root() / "compare" / name
     except UserError:

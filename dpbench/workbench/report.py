@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpbench.workbench import runner
-from dpbench.workbench import verdicts
+from dpbench.workbench import params, runner, verdicts
 from dpbench.errors import UserError
 from dpbench.workbench.provenance import now_iso
 from dpbench.atomic import write_atomic
@@ -192,7 +191,7 @@ def collect(profile: str, repo: str | os.PathLike | None = None, results: str | 
     repo = Path(repo) if repo else runner.find_repo()
     root = Path(results) if results else runner.results_root(repo)
     base = root / profile
-    names = set(runner.list_notebooks(repo))
+    names = set(params.list_notebooks(repo))
     if base.is_dir():
         names |= {p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")}
     out = []
@@ -289,7 +288,7 @@ def build(profile: str, repo: str | os.PathLike | None = None, results: str | os
           references: str | os.PathLike | None = None) -> Report:
     """Read everything the report of `profile` shows. Without a references file the
     summary is empty (and says so)."""
-    runner.check_profile(profile)
+    params.check_profile(profile)
     repo = Path(repo) if repo else runner.find_repo()
     root = Path(results) if results else runner.results_root(repo)
     entries = collect(profile, repo, root)
