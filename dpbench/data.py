@@ -34,6 +34,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from dpbench.errors import UserError
 
@@ -687,8 +688,6 @@ class ImageFolderDataset(ImageDataset):
         out = torch.empty((len(idx),) + self.input_shape, dtype=torch.uint8)
         it = idx
         if len(idx) > 2000:
-            from tqdm.auto import tqdm
-
             it = tqdm(idx, desc=f"decoding {self.name}", leave=False)
         for j, i in enumerate(it):
             out[j] = self._decode(self.paths[i])

@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from dpbench.atomic import write_atomic
 from dpbench.errors import UserError
 
 __all__ = [
@@ -650,8 +651,6 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict | 
     safetensors metadata, others as JSON text. `load_checkpoint` returns the same dict.
     """
     from safetensors.torch import save
-
-    from dpbench.atomic import write_atomic
 
     path = Path(path)
     if path.suffix != ".safetensors":

@@ -26,12 +26,14 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dpbench.workbench import params, runner, verdicts
+from dpbench.workbench.results import STYLE_FILE
 from dpbench.errors import UserError
 from dpbench.workbench.provenance import now_iso
 from dpbench.atomic import write_atomic
@@ -532,14 +534,10 @@ def forest_plot(rep: Report) -> bytes | None:
     items = forest_claims(rep)
     if not items:
         return None
-    import io
-
     import matplotlib.style
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
-
-    from dpbench.workbench.results import STYLE_FILE
 
     layout = []  # ("head", paper) or ("claim", ClaimResult)
     group = None
