@@ -308,3 +308,18 @@ def test_run_cache_dependencies_failure_and_report(fake_repo, pinned_source, cap
     page = report.read_text()
     assert page.count("data:image/png;base64,") == 1 and "RuntimeError: boom on request" in page
     assert m["cache_key"][:12] in page and "02_indep" in page and f"{m['duration_s']:.1f} s" in page
+
+
+def test_gpu_profile_without_cuda_never_writes_results_gpu(fake_repo, pinned_source, monkeypatch, capsys):
+    """results/gpu/ is committed and holds runs on CUDA only; `device: auto` on a CPU
+    machine runs the gpu profile but writes it elsewhere, and says so."""
+    monkeypatch.setattr(params, "cuda_available", lambda: False)
+    argv = ["run", "00_tiny", "--profile", "gpu", "-p", "device", "auto", "-p", "dataset", "digits", "--no-progress"]
+    assert main(argv) == 0
+    assert "never to results/gpu/" in capsys.readouterr().err
+    assert not (fake_repo / "results" / "gpu").exists()
+    m = read_json(fake_repo / "results" / runner.GPU_WITHOUT_CUDA_DIR / "gpu" / "00_tiny" / "manifest.json")
+    assert m["status"] == "ok" and m["profile"] == "gpu"
+    # with CUDA the same profile goes to results/gpu/ (only the folder choice is checked here)
+    monkeypatch.setattr(params, "cuda_available", lambda: True)
+    assert runner.Runner(fake_repo).result_dir("gpu", "00_tiny") == fake_repo / "results" / "gpu" / "00_tiny"

@@ -24,6 +24,7 @@ from typing import Any
 from dpbench.atomic import write_json_atomic
 from dpbench.errors import UserError
 from dpbench.workbench import provenance
+from dpbench.workbench import params
 from dpbench.workbench.params import RunSpec
 
 KERNEL_NAME = "dpbench"
@@ -31,6 +32,9 @@ FAILED_DIR = ".failed"
 RESULTS_ENV = "DPBENCH_RESULTS"
 RESULTS_ROOT_ENV = "DPBENCH_RESULTS_ROOT"
 ROOT_ENV = "DPBENCH_ROOT"
+# results/gpu/ is committed and must only ever hold runs on CUDA: a gpu profile that runs
+# without CUDA (device: auto on a CPU machine) writes under this root instead.
+GPU_WITHOUT_CUDA_DIR = "gpu-profile-on-cpu"
 
 
 # --------------------------------------------------------------------------- locations
@@ -128,11 +132,19 @@ class Runner:
         self._source: str | None = None
 
     # -- paths
+    def root_for(self, profile: str) -> Path:
+        """The results root of `profile`: `results/`, except for the gpu profile on a
+        machine without CUDA, which goes to `results/gpu-profile-on-cpu/` so that
+        `results/gpu/` only ever holds runs on CUDA."""
+        if profile == "gpu" and not params.cuda_available():
+            return self.results / GPU_WITHOUT_CUDA_DIR
+        return self.results
+
     def result_dir(self, profile: str, notebook: str) -> Path:
-        return self.results / profile / notebook
+        return self.root_for(profile) / profile / notebook
 
     def failed_dir(self, profile: str, notebook: str) -> Path:
-        return self.results / profile / FAILED_DIR / notebook
+        return self.root_for(profile) / profile / FAILED_DIR / notebook
 
     # -- cache
     def environment(self) -> dict[str, Any]:
@@ -185,7 +197,11 @@ class Runner:
         import papermill as pm
         from traitlets.config import Config
 
-        profile_dir = self.results / spec.profile
+        root = self.root_for(spec.profile)
+        if root != self.results:
+            self._say(f"{spec.notebook} [{spec.profile}]: no CUDA device, so this gpu-profile run goes to "
+                      f"{root / spec.profile}, never to results/gpu/ (which holds runs on CUDA only)")
+        profile_dir = root / spec.profile
         profile_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{spec.notebook}-", dir=profile_dir))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; results are ordinary files
@@ -195,7 +211,7 @@ class Runner:
         error = None
         self._say(f"{spec.notebook} [{spec.profile}]: running")
         saved_env = os.environ.get(RESULTS_ROOT_ENV)
-        os.environ[RESULTS_ROOT_ENV] = str(self.results)
+        os.environ[RESULTS_ROOT_ENV] = str(root)  # upstream_dir() inside the kernel looks here
         sockets = Path(tempfile.mkdtemp(prefix="dpbench-kernel-"))  # short: Unix socket paths are capped
         try:
             pm.execute_notebook(
