@@ -670,7 +670,7 @@ def plot_fixed_batch(flat_rows: Sequence[dict[str, Any]], device: str, max_batch
         ax.set_yscale("log", base=2)
     legend_once(ax, fontsize=8, ncol=4)
     title = ("largest batch that fits, by doubling" if max_batch
-             else "memory of one training step at each model's batch (the batch under each group)")
+             else "memory of one training step at each model's own batch (named under its group)")
     ax.set_title(f"{title} ({device})" + _marks_text(drawn))
     return fig
 
