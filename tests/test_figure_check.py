@@ -207,3 +207,13 @@ def test_recorder_message_caps_the_list(tmp_path):
         ax.plot([1, 2], [3, 4])
     with pytest.raises(FigureCheckError, match=r"\(6 problem\(s\).*; and 2 more$"):
         Recorder(tmp_path, experiment="t").figure(fig, "six")
+
+
+def test_secondary_axis_tick_labels_count():
+    fig, ax = labelled(figsize=(4, 3), layout="constrained")
+    top = ax.secondary_xaxis("top", functions=(lambda x: x * 1000, lambda v: v / 1000))
+    top.set_xlabel("x times 1000")
+    assert check_figure(fig) == []
+    top.set_xticks([1000, 1100, 1200], ["one thousand", "eleven hundred", "twelve hundred"])
+    problems = check_figure(fig)
+    assert kinds(problems) == ["overlapping tick labels"] and "secondary axes of axes 1" in problems[0]

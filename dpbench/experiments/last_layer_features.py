@@ -584,7 +584,7 @@ def plot_accuracy_vs_epsilon(df, methods: Sequence[str], title: str, *, delta: f
     sumdf, base, n = summary(df), non_private(df), int(df.n.iloc[0])
     fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
     grid = sorted(sumdf.target_epsilon.unique())
-    x_np = grid[-1] * (grid[-1] / grid[0]) ** 0.18 if len(grid) > 1 else grid[-1] * 3  # the non-private column
+    x_np = grid[-1] * max((grid[-1] / grid[0]) ** 0.22, 3.0) if len(grid) > 1 else grid[-1] * 3  # non-private column
     shown = [m for m in methods if m in base.index]
     for i, m in enumerate(methods):
         d = sumdf[sumdf.method == m].sort_values("target_epsilon")
@@ -595,7 +595,7 @@ def plot_accuracy_vs_epsilon(df, methods: Sequence[str], title: str, *, delta: f
         ax.fill_between(d.target_epsilon, d["min"], d["max"], color=color, alpha=0.2)
         if m in base.index:  # dodged sideways so equal accuracies stay apart
             k = shown.index(m) - (len(shown) - 1) / 2
-            ax.plot([x_np * 1.07 ** k], [base[m]], "D", color=color, ms=6, mec="k", mew=0.5)
+            ax.plot([x_np * (x_np / grid[-1]) ** (0.12 * k)], [base[m]], "D", color=color, ms=6, mec="k", mew=0.5)
     if shown:
         ax.plot([], [], "D", color="0.6", mec="k", mew=0.5, label="non-private (same method, no noise)")
     ax.set_xscale("log")
@@ -603,7 +603,7 @@ def plot_accuracy_vs_epsilon(df, methods: Sequence[str], title: str, *, delta: f
     ax.set_xticks(ticks, [f"{v:g}" for v in grid] + (["non-\nprivate"] if shown else []))
     ax.xaxis.set_minor_locator(plt.NullLocator())
     if shown:
-        ax.axvline((grid[-1] * x_np) ** 0.5, color="0.7", lw=0.8)  # the grid ends here
+        ax.axvline(grid[-1] * (x_np / grid[-1]) ** 0.35, color="0.7", lw=0.8)  # the grid ends here
     ax.set_xlabel("epsilon (delta = %g)" % delta)
     ax.set_ylabel("test accuracy")
     ax.set_title(title, pad=8)

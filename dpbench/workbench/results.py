@@ -184,9 +184,21 @@ def _short(text: str, n: int = 30) -> str:
     return repr(text if len(text) <= n else text[: n - 1] + "…")
 
 
+def _all_axes(fig) -> list:
+    """The figure's axes and, after each, its child axes (secondary_xaxis/yaxis, inset axes)."""
+    out = []
+    for ax in fig.axes:
+        out.append(ax)
+        out.extend(a for a in getattr(ax, "child_axes", []) if a not in fig.axes)
+    return out
+
+
 def _axes_name(fig, ax) -> str:
+    if ax not in fig.axes:  # a child: named after its parent
+        parent = next((p for p in fig.axes if ax in getattr(p, "child_axes", [])), None)
+        return f"the secondary axes of {_axes_name(fig, parent)}" if parent is not None else "a secondary axes"
     title = next((t.get_text() for t in (ax.title, ax._left_title, ax._right_title) if t.get_text().strip()), "")
-    where = f"axes {fig.axes.index(ax) + 1}" if ax in fig.axes else "axes"
+    where = f"axes {fig.axes.index(ax) + 1}"
     return f"{where} {_short(title)}" if title else where
 
 
@@ -218,12 +230,13 @@ def _figure_texts(fig):
     for t in fig.texts:
         add(t, f"figure text {_short(t.get_text())}", "text")
     legends = [(lg, "figure legend") for lg in fig.legends]
-    for ax in fig.axes:
+    for ax in _all_axes(fig):
         if not ax.get_visible():
             continue
         name = _axes_name(fig, ax)
+        where = f"axes {fig.axes.index(ax) + 1}" if ax in fig.axes else name
         for t, kind in ((ax.title, "title"), (ax._left_title, "left title"), (ax._right_title, "right title")):
-            add(t, f"{kind} {_short(t.get_text())} of {'axes %d' % (fig.axes.index(ax) + 1)}", "label")
+            add(t, f"{kind} {_short(t.get_text())} of {where}", "label")
         for t in ax.texts:
             add(t, f"text {_short(t.get_text())} in {name}", "text")
         if ax.get_legend() is not None:
