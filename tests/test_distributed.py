@@ -128,6 +128,18 @@ def _worker(rank: int, port: int, out: str) -> None:
                           example_input=x)
         res["pipe/noise_std"] = pipe.optimizer.noise_std
         res["pipe/seed"] = pipe.optimizer.seed
+        res["pipe/default_device"] = str(pipe.device)  # where the stage lives, not a hard-coded "cpu"
+        pipe.remove()
+        # 4. under NCCL (mocked: only the backend name), a stage on the CPU is refused up front
+        real_backend = dist.get_backend
+        dist.get_backend = lambda group=None: "nccl"
+        try:
+            PipelineDP(_stages(), PIPE_THRESHOLDS, noise_multiplier=SIGMA, expected_batch_size=10.0, example_input=x)
+            res["pipe/nccl_cpu"] = "accepted"
+        except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+            res["pipe/nccl_cpu"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            dist.get_backend = real_backend
     finally:
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -260,7 +272,7 @@ def test_dpbench_train_nproc_2_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "out"
     cfg = {"name": "tiny", "output_dir": str(out), "dataset": "synthetic",
            "dataset_kwargs": {"n": 64, "image_shape": [1, 4, 4], "num_classes": 3, "seed": 0},
-           "model": "mlp", "evaluate": False,
+           "model": "mlp", "evaluate": True, "dtype": "float64",  # float64 data sets used to crash here
            "fit": {"steps": 2, "expected_batch_size": 16, "noise_multiplier": 1.0, "delta": 1e-3}}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -322,3 +334,9 @@ def test_the_training_layer_has_no_torchrun_entry():
     import dpbench.training.distributed as mod
 
     assert not hasattr(mod, "run_config") and not hasattr(mod, "main")
+
+
+def test_pipeline_device_follows_the_stage_and_nccl_needs_a_gpu(ranks):
+    for r in range(WORLD):
+        assert ranks[r]["pipe/default_device"] == "cpu"  # the stages live on the CPU here
+        assert ranks[r]["pipe/nccl_cpu"].startswith("UserError") and "NCCL" in ranks[r]["pipe/nccl_cpu"]

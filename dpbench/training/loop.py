@@ -376,6 +376,7 @@ class StepInfo:
     not private). `private`: the step took a private batch (only then do `norms` describe
     private data). In `before_update` the parameters' .grad hold the released (noisy,
     mixed) gradient; after the step, a hook may change `engine` thresholds for the next step.
+    `loss` is the batch's mean loss (None for an empty batch).
     """
 
     step: int
@@ -745,6 +746,7 @@ def fit(
     def eval_row(step: int) -> dict[str, Any]:
         nonlocal loss_sum, loss_count
         flush_ledger()
+        loss_sum = float(loss_sum)  # the one host sync for the train loss, once per evaluation
         if distributed is not None:  # the train loss of the whole logical batches
             loss_sum, loss_count = distributed.sum_floats(loss_sum, loss_count)
         eps = (float(ledger.epsilon()) if track_epsilon else None) if private else math.inf
@@ -769,7 +771,7 @@ def fit(
             losses = loss_fn(model(xb), yb)
             grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
         grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
-        return grads, float(losses.detach().sum()), len(yb)
+        return grads, losses.detach().sum(), len(yb)
 
     if evaluation.at_start:
         eval_row(0)
@@ -786,7 +788,8 @@ def fit(
             a = float(ps.public_weight)
             g_pub, pub_loss, pub_count = (public_gradient(ps.public) if ps.public is not None else (None, 0.0, 0))
             opt.zero_grad()
-            batch_loss, batch_size = 0.0, 0
+            # The loss stays on the device: a float() per physical chunk would stall a GPU.
+            batch_loss, batch_size = torch.zeros((), device=dev), 0
             norms: dict[str, list[torch.Tensor]] = {}
             if ps.private:
                 batch = next(private_batches, None)
@@ -805,13 +808,14 @@ def fit(
                                 norms.setdefault(k, []).append(v.detach())
                     else:
                         (losses.sum() / len(batch)).backward()
-                    batch_loss += float(losses.detach().sum())
+                    batch_loss = batch_loss + losses.detach().sum()
             else:
                 batch_loss, batch_size = pub_loss, pub_count
             for k in group_names:
                 norms.setdefault(k, [])
+            wants_loss = bool(before_hooks or after_hooks) and batch_size
             info = StepInfo(step=t + 1, epoch=(taken + int(ps.private)) * q, batch_size=batch_size,
-                            loss=batch_loss / batch_size if batch_size else None,
+                            loss=float(batch_loss) / batch_size if wants_loss else None,
                             norms={k: torch.cat(v) if v else torch.empty(0) for k, v in norms.items()},
                             model=model, engine=engine, optimizer=opt, private=ps.private, public_weight=a)
 
@@ -842,6 +846,8 @@ def fit(
                 opt.step()
             taken += int(ps.private)
             public_taken += int(ps.public is not None)
+            if dev.type == "cuda":  # kernels run asynchronously: the clock must wait for them
+                torch.cuda.synchronize(dev)
             train_time += time.perf_counter() - t0
             loss_sum += batch_loss
             loss_count += batch_size

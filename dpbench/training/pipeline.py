@@ -120,7 +120,7 @@ class PipelineDP:
         loss_fn: per-sample loss on the last stage (default cross entropy, reduction none).
         seed: noise seed; stage k draws from a stream derived from (seed, k).
         method, clip_fn, gamma: passed to the stage's ClippingEngine.
-        device: this stage's device.
+        device: this stage's device (default: where the stage's parameters are; a GPU under NCCL).
         transport: a P2P (default: a new one on `group`).
     """
 
@@ -128,7 +128,7 @@ class PipelineDP:
                  noise_multiplier: float, expected_batch_size: float, example_input: torch.Tensor | None = None,
                  activation_shapes: Sequence[Sequence[int]] | None = None, optimizer: Any = "sgd",
                  lr: float = 0.1, loss_fn: Callable | None = None, seed: int = 0, method: str = "auto",
-                 clip_fn: str = "abadi", gamma: float = 0.01, device: str | torch.device = "cpu",
+                 clip_fn: str = "abadi", gamma: float = 0.01, device: str | torch.device | None = None,
                  group: Any = None, transport: P2P | None = None, secure_rng: bool = False):
         if not dist.is_available() or not dist.is_initialized():
             raise UserError("torch.distributed is not initialised; call dpbench.training.distributed.init_from_env() first")
@@ -141,7 +141,14 @@ class PipelineDP:
         if len(th) != K or not all(c > 0 and math.isfinite(c) for c in th):
             raise UserError(f"thresholds must be {K} positive numbers (one per stage), got {thresholds!r}")
         self.thresholds = th
+        if device is None:  # where the stage already lives (cuda:LOCAL_RANK under NCCL)
+            first = next(iter(stages[self.rank].parameters()), None)
+            device = first.device if first is not None else "cpu"
         self.device = torch.device(device)
+        if dist.get_backend(group) == "nccl" and self.device.type != "cuda":
+            # NCCL moves CUDA tensors only: CPU activations would fail at the first send.
+            raise UserError(f"PipelineDP on the NCCL backend needs its stage on a GPU, got device {self.device}; "
+                            f"move the stage to cuda:LOCAL_RANK or pass device='cuda:N'")
         self.loss_fn = loss_fn or per_sample_cross_entropy
         if activation_shapes is None:
             if example_input is None:

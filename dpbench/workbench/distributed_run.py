@@ -44,9 +44,10 @@ def run_config(config: dict[str, Any], dp: DataParallel | None = None) -> TrainR
                                 **cfg.get("model_kwargs", {}))
     if cfg["dtype"] == "float64":
         model = model.double()
-        train.x = train.x.double()
+        # A data set computes .x on demand (read-only): fit takes (x, y) pairs as well.
+        train = (train.x.double(), train.y)
         if test is not None:
-            test.x = test.x.double()
+            test = (test.x.double(), test.y)
     specs = specs_from_flat(dict(cfg["fit"], test_data=test, progress=dp.rank == 0, label=str(cfg["name"])))
     result = fit(model, train, device=dp, **specs)
     if dp.rank == 0:
