@@ -87,6 +87,7 @@ def test_whole_run_releases_one_clipped_canary_per_sampled_step(whole_runs):
 
 def test_half_ledger_is_caught_or_reported_with_the_trials_it_needs(whole_runs):
     a = whole_runs["ledger_half_steps"]
+    a.simulate_up_to = 50_000  # keep the test short: beyond it, the expected-count lower estimate
     assert a.claimed_epsilon == pytest.approx(accounting.epsilon(1.0, 0.2, 3, 1e-5, "pld"), rel=1e-6)
     assert a.true_epsilon == pytest.approx(accounting.epsilon(1.0, 0.2, 6, 1e-5, "pld"), rel=1e-6)
     row = M.summarize(a)
@@ -182,6 +183,7 @@ def test_data_parallel_noise_on_two_gloo_ranks():
     assert sd["no_rank_noise"] == 0.0
     assert sd["shares_var_over_w2"] == pytest.approx(2.0 / math.sqrt(2), rel=0.03)
     assert sd["overnoise_every_rank"] == pytest.approx(2.0 * math.sqrt(2), rel=0.03)
+    audits["shares_var_over_w2"].simulate_up_to = 100_000  # keep the test short
     rows = {v: M.summarize(a) for v, a in audits.items()}
     assert rows["correct_rank0"]["status"] == rows["correct_shares"]["status"] == "sound"
     assert rows["no_rank_noise"]["status"] == "detected"
@@ -195,7 +197,8 @@ def test_data_parallel_noise_on_two_gloo_ranks():
 
 def _synthetic(variant, scores, members, claim, true, independent=True):
     return M.CanaryAudit("x", variant, "counts", claim, true, 1e-5, members, {"s": scores}, independent=independent,
-                         model_scores=lambda k, rng: (3 + rng.normal(size=k), rng.normal(size=k)))
+                         model_scores=lambda k, rng: (3 + rng.normal(size=k), rng.normal(size=k)),
+                         simulate_up_to=50_000)
 
 
 def test_status_rules():
@@ -212,3 +215,14 @@ def test_status_rules():
     assert M.summarize(_synthetic("fault_d", noise, m, 1.0, 0.5))["status"] == "no gap"
     one = M.summarize(_synthetic("fault_e", perfect, m, 1.0, math.inf, independent=False))
     assert one["method"] == "one_run" and one["confidence"] == 0.95
+
+
+def test_simulated_trials_include_the_cost_of_choosing_the_threshold():
+    def draw(k, rng):
+        return 1.5 + rng.normal(size=k), rng.normal(size=k)
+
+    rng = np.random.default_rng(0)
+    oracle = B.projected_trials(*draw(200_000, rng), 1.0, 0.975, 1e-5)
+    sim = B.simulated_trials(draw, 1.0, 0.975, 1e-5, start=500, max_trials=200_000)
+    assert sim is not None and sim >= oracle / 2  # never far below the oracle's lower estimate
+    assert B.simulated_trials(lambda k, r: (r.normal(size=k), r.normal(size=k)), 0.5, max_trials=4000) is None

@@ -107,7 +107,7 @@ def _mech_rows():
                       {"sum": rng.normal(size=2000)}, independent=False, true_relation=">="),
         M.CanaryAudit("dpsgd_run", "ledger_half_steps", "all_iterates", 2.3, 2.8, 1e-5, m,
                       {"sum": rng.normal(size=2000)},
-                      model_scores=lambda k, r: (0.8 + r.normal(size=k), r.normal(size=k))),
+                      model_scores=lambda k, r: (0.8 + r.normal(size=k), r.normal(size=k)), simulate_up_to=20_000),
     ]
     return [M.summarize(a) for a in audits]
 
@@ -117,12 +117,12 @@ def test_mechanism_table_and_explanation_are_computed_from_the_rows(tmp_path):
     table = pa.mechanism_table(rows)
     assert list(table["status"]) == ["sound", "detected", "no gap", "not detected"]
     assert list(table["true eps"]) == ["1.30", "inf", ">= 2.20", "2.80"]
-    assert table["trials needed"].iloc[3].startswith("~") and table["trials needed"].iloc[0] == ""
+    assert "~" in table["trials needed"].iloc[3] and table["trials needed"].iloc[0] == ""
     text = pa.explain_mechanisms(rows)
     assert "*all_iterates*" in text and "*one_step_sum*" in text
     assert "1 of 1 have their audited bound at or below the claim" in text
     assert "**data_parallel/no_rank_noise**" in text and "**detected**" in text
-    assert "Chua et al." in text and "trials for the many-trials bound" in text
+    assert "Chua et al." in text and "to pass the claim" in text
     rec = _Rec()
     assert pa.record_mechanisms(rec, rows, seed=2) == len(rows) * len(pa.MECHANISM_METRICS)
     assert {r["audit_status"] for r in rec.rows} == {"sound", "detected", "no gap", "not detected"}

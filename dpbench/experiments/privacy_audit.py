@@ -209,7 +209,9 @@ def mechanism_table(rows: Sequence[dict[str, Any]]):
             "claimed eps": round(r["claimed_epsilon"], 3), "true eps": _fmt_eps(r["true_epsilon"], r["true_relation"]),
             "audited lb": round(r["audited_lb"], 3), "confidence": r["confidence"], "bound": r["method"],
             "score": r["score"], "ceiling": round(r["ceiling"], 2), "trials": r["trials"], "status": r["status"],
-            "trials needed": "" if needed is None else f"~{needed:,}", "seconds": round(r["seconds"], 1),
+            "trials needed": "" if needed is None else (">= ~" if r.get("trials_needed_how") == "lower estimate"
+                                                        else "~") + f"{needed:,}",
+            "seconds": round(r["seconds"], 1),
         })
     return pd.DataFrame(out)
 
@@ -258,9 +260,10 @@ def explain_mechanisms(rows: Sequence[dict[str, Any]]) -> str:
                      + ".")
         else:
             needed = r.get("trials_needed")
-            head += (f"{r['status']} at {r['trials']:,} trials; the analytic model projects "
-                     + (f"about {needed:,} trials" if needed else "more trials than 10^8")
-                     + " for the many-trials bound to pass the claim.")
+            how = ("at least about" if r.get("trials_needed_how") == "lower estimate" else "about")
+            head += (f"{r['status']} at {r['trials']:,} trials; on the analytic model the many-trials bound "
+                     + (f"needs {how} {needed:,} trials" if needed else "needs more than 10^8 trials")
+                     + " to pass the claim.")
         lines.append(head)
     return "\n".join(lines)
 

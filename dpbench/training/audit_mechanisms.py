@@ -40,6 +40,7 @@ from dpbench.privacy.audit_bounds import (
     one_run_audit,
     projected_trials,
     shuffle_max_test_epsilon,
+    simulated_trials,
 )
 
 __all__ = [
@@ -107,6 +108,7 @@ class CanaryAudit:
     model_scores: Callable | None = None
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
+    simulate_up_to: int = 4_000_000  # largest simulated audit for `trials_needed` (memory bound)
 
     @property
     def fault(self) -> str:
@@ -126,8 +128,10 @@ def summarize(a: CanaryAudit, confidence: float = 0.95, seed: int = 0, project: 
     "CLAIM REFUTED" (correct variant above its claim), "detected" (fault, bound > claim),
     "no gap" (the fault's known epsilon is not above the claim: nothing to detect),
     "undetectable: ceiling below claim" (even a perfect attack at this trial count could not
-    pass the claim) or "not detected". For the last two, `trials_needed` projects from the
-    analytic model how many trials the many-trials bound would need.
+    pass the claim) or "not detected". For the last two, `trials_needed` says how many trials
+    the many-trials bound would need: found by simulating the whole audit on the analytic
+    model up to `a.simulate_up_to` trials ("simulated", within a factor 2), else the expected-count projection
+    with the best threshold known in advance ("lower estimate").
     """
     c_each = 1 - (1 - confidence) / 2 if a.independent else confidence
     one = one_run_audit(a.scores, a.members, c_each, a.delta)
@@ -137,7 +141,7 @@ def summarize(a: CanaryAudit, confidence: float = 0.95, seed: int = 0, project: 
         best = trials_b if trials_b.epsilon >= one.epsilon else one
     ceiling = max(one.ceiling, trials_b.ceiling if trials_b is not None else 0.0)
     claim, true = a.claimed_epsilon, a.true_epsilon
-    needed = None
+    needed, needed_how = None, ""
     if not a.fault:
         status = "sound" if best.epsilon <= claim else "CLAIM REFUTED"
     elif best.epsilon > claim:
@@ -147,15 +151,22 @@ def summarize(a: CanaryAudit, confidence: float = 0.95, seed: int = 0, project: 
     else:
         status = "undetectable: ceiling below claim" if ceiling <= claim else "not detected"
         if project and a.model_scores is not None:
-            s_in, s_out = a.model_scores(400_000, np.random.default_rng(seed + 99))
-            needed = projected_trials(s_in, s_out, claim, c_each, a.delta)  # the level the audit certifies at
+            # simulate the whole audit on the analytic model up to `simulate_up_to` trials;
+            # beyond, the expected-count projection (oracle threshold: a lower estimate)
+            needed = simulated_trials(a.model_scores, claim, c_each, a.delta, start=max(1000, a.trials),
+                                      max_trials=a.simulate_up_to, seed=seed + 99)
+            needed_how = "simulated"
+            if needed is None:
+                s_in, s_out = a.model_scores(400_000, np.random.default_rng(seed + 99))
+                needed = projected_trials(s_in, s_out, claim, c_each, a.delta)
+                needed_how = "lower estimate"
     return {
         "mechanism": a.mechanism, "variant": a.variant, "fault": a.fault, "threat_model": a.threat_model,
         "claimed_epsilon": claim, "true_epsilon": true, "true_relation": a.true_relation,
         "audited_lb": best.epsilon, "method": best.method, "score": best.score, "confidence": confidence,
         "trials_lb": trials_b.epsilon if trials_b is not None else float("nan"), "one_run_lb": one.epsilon,
         "ceiling": ceiling, "trials": a.trials, "independent": a.independent, "status": status,
-        "detected": bool(a.fault and best.epsilon > claim), "trials_needed": needed, "seconds": a.seconds,
+        "detected": bool(a.fault and best.epsilon > claim), "trials_needed": needed, "trials_needed_how": needed_how, "seconds": a.seconds,
         "delta": a.delta, **{f"setting_{k}": v for k, v in a.settings.items()},
     }
 
@@ -276,7 +287,8 @@ def audit_dpsgd_run(variant: str = "correct", *, canaries: int = 20_000, sample_
     return CanaryAudit("dpsgd_run", variant, "all_iterates", claim, true, delta, members,
                        _dpsgd_scores(y, q, sigma, batches), independent=not shuffled, true_relation=rel,
                        model_scores=None if shuffled else model_scores, seconds=time.perf_counter() - t0,
-                       settings={"q": q, "steps": T, "sigma": sigma, "canaries": m})
+                       settings={"q": q, "steps": T, "sigma": sigma, "canaries": m},
+                       simulate_up_to=max(1000, 4_000_000 // T))
 
 
 # ---------------------------------------------------------------------------- adaptive clipping's counts
