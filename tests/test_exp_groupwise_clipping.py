@@ -11,6 +11,7 @@ import torch
 
 from dpbench.errors import UserError
 from dpbench.experiments import groupwise_clipping as gw
+from dpbench.experiments import study_design
 from dpbench.models import create_model
 
 
@@ -237,3 +238,76 @@ def test_every_private_arm_records_the_same_ledger(tiny_study):
     assert [m["arm"] for m in mem] == ["nonprivate", "device"]
     for m, r in zip(mem, rec.get("peak_mem_mb")):
         assert (r["status"] == "failed") if math.isnan(m["peak_mem_mb"]) else (m["peak_mem_mb"] >= 0)
+
+
+# ---------------------------------------------------------------------------- the decidable study (issue 16)
+@pytest.fixture(scope="module")
+def split_study():
+    return gw.make_split_study(dataset="digits", model_name="small_cnn", model_kwargs={"width": 4, "depth": 2},
+                               batch_size=128, epochs=0.3, epsilon=2.0, validation_fraction=0.2, split_seed=0)
+
+
+def test_split_study_carves_validation_from_train_and_calibrates_on_the_fit_part(split_study):
+    st = split_study
+    n_fit, n_val = len(st.train[1]), len(st.validation[1])
+    assert n_val == round(0.2 * (n_fit + n_val)) and n_fit + n_val == 1438
+    assert st.sample_rate == pytest.approx(128 / n_fit)
+    assert st.optimizer == "sgd" and st.momentum == 0.9
+    fit_rows = {tuple(r.flatten()[:16].tolist()) for r in st.train[0]}
+    assert not any(tuple(r.flatten()[:16].tolist()) in fit_rows for r in st.validation[0][:50])
+    rows = gw.regime_rows(st)
+    assert rows[0]["paper sigma*sqrt(d)/B"] == gw.PAPER_NOISE_TO_SIGNAL
+    assert rows[0]["sigma*sqrt(d)/B"] == pytest.approx(st.sigmas[2.0] * math.sqrt(st.n_params) / 128)
+
+
+def test_tuning_gives_every_arm_the_same_grid_and_untuned_adaptive_arms_borrow_q05s_rate(split_study, monkeypatch):
+    seen = []
+
+    def fake(study, arm, seed, lr, eval_every=None):
+        seen.append((arm, lr, seed))
+        return SimpleNamespace(final={"test_acc": {"flat": 0.3, "layer": 0.1}.get(arm, 0.03) == lr}), None
+
+    monkeypatch.setattr(gw, "train_tuned", fake)
+    arms = ["flat", "layer", "layer-adaptive-q0.5"]
+    t = gw.tune_arms(split_study, arms, [0.03, 0.1, 0.3], [7, 8], progress=False)
+    assert t.budget() == {a: 6 for a in arms}
+    assert {(lr, s) for a, lr, s in seen if a == "flat"} == {(lr, s) for a, lr, s in seen if a == "layer"}
+    assert t.chosen == {"flat": 0.3, "layer": 0.1, "layer-adaptive-q0.5": 0.03}
+    lrs = gw.arm_learning_rates(t, arms + ["layer-adaptive-q0.7"])
+    assert lrs["layer-adaptive-q0.7"] == 0.03
+    with pytest.raises(UserError, match="not tuned"):
+        gw.arm_learning_rates(t, ["device"])
+    sizing = gw.pilot_sizing(t, {"X": ("flat", "layer")}, {"X": 0.5})
+    assert sizing[0]["seeds_needed"] >= 6 and sizing[0]["pair"] == "flat - layer"
+
+
+def test_verdict_runs_read_the_test_set_once_and_tag_preregistered_pairs(split_study):
+    test = study_design.HeldOutTest(split_study.test)
+    lrs = {"flat": 0.1, "layer": 0.1, "layer-adaptive-q0.5": 0.05}
+    rec = ListRecorder()
+    jobs_ = [(a, s) for a in lrs for s in (0, 1)]
+    runs = gw.run_verdict(split_study, lrs, jobs_, test, rec, eval_every=None, progress=False)
+    assert sorted(test.used) == sorted(jobs_)  # one look per run
+    for r in runs.runs:
+        assert r["lr"] == lrs[r["arm"]] and 0 <= r["test_acc"] <= 1
+    with pytest.raises(UserError, match="already used"):
+        test.evaluate(torch.nn.Linear(1, 1), ("flat", 0))
+    comps = study_design.check_comparisons({gw.CLAIM_FIXED: ["flat", "layer"],
+                                            gw.CLAIM_ADAPTIVE: ["layer-adaptive-q0.5", "flat"]}, list(lrs))
+    summary = gw.record_comparisons(rec, runs.runs, comps, [0, 1], "tiny")
+    rows = rec.get("test_acc_difference", claim_id=gw.CLAIM_ADAPTIVE)
+    by = {(r["arm"], r["seed"]): r["test_acc"] for r in runs.runs}
+    assert [r["value"] for r in rows] == [pytest.approx(by[("layer-adaptive-q0.5", s)] - by[("flat", s)]) for s in (0, 1)]
+    assert all(r["comparison"] == "difference" and r["epsilon"] == 2.0 for r in rows)
+    assert {s["claim"] for s in summary} == {gw.CLAIM_FIXED, gw.CLAIM_ADAPTIVE}
+
+
+def test_wall_time_pairs_tag_adaptive_minus_flat_ghost(monkeypatch):
+    rec = ListRecorder()
+    df, tables = gw.wall_time_pairs(model_name="small_cnn", img_size=8, batch_size=4, steps=1, repeats=2,
+                                    epsilon=2.0, rec=rec, progress=False)
+    assert set(df.arm) == {"flat-ghost", "flat-bk", "layer-adaptive-q0.5"} and len(df) == 6
+    assert any("second backward" in row["note"] for row in tables["flat-ghost"])
+    assert not any("second backward" in row["note"] for row in tables["flat-bk"])
+    rows = rec.get("wall_time_difference_s", claim_id=gw.CLAIM_WALL_TIME)
+    assert len(rows) == 2 and all(r["epsilon"] == 2.0 for r in rows)

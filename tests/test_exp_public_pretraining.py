@@ -3,6 +3,7 @@ at the switch, the claim rows and tables, figure 5's rows."""
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from dpbench.errors import UserError
 from dpbench.experiments import public_pretraining as pp
+from dpbench.experiments import study_design
 from dpbench.models import create_model
 from dpbench.privacy import accounting
 
@@ -170,3 +172,67 @@ def test_unknown_fraction_is_refused(arms):
         arms.run("sequential", 0, fraction=0.33)
     with pytest.raises(UserError, match="unknown schedule"):
         arms.run("warmup", 0)
+
+
+# ---------------------------------------------------------------------------- the decidable study (issue 16)
+@pytest.fixture(scope="module")
+def split_arms():
+    arms, test = pp.prepare_split(dataset="digits", data_root=None, model_name="small_cnn",
+                                  model_kwargs={"width": 4, "depth": 2, "zero_head": False}, public_fraction=0.1,
+                                  public_fractions=[0.05], validation_fraction=0.2, seed=0, steps=6, switch_step=2,
+                                  private_batch_size=64, public_batch_size=16, eval_every=None)
+    return arms, test
+
+
+def test_prepare_split_holds_validation_apart_from_public_and_private(split_arms):
+    arms, test = split_arms
+    val_origin = set(arms.test.origin_indices.tolist())
+    for part in arms.splits.values():
+        assert not val_origin & set(part.public_indices.tolist())
+        assert not val_origin & set(part.private_indices.tolist())
+    assert len(arms.test) + len(arms.train) == 1438 and len(test) == 359
+
+
+def test_public_checkpoint_model_has_every_subset_notebook_04_names(split_arms):
+    from dpbench.models import SUBSETS, create_model, trainable_subset
+
+    model = create_model(**split_arms[0].model_spec)
+    for subset in SUBSETS:
+        assert trainable_subset(model, subset).num_params > 0
+
+
+def test_tuning_is_equal_and_verdict_runs_use_the_test_set_once(split_arms):
+    arms, test = split_arms
+    arms.runs.clear()
+    rec = Rec()
+    scheds = ["only_private", "only_public", "sequential"]
+    tun = pp.tune_schedules(arms, scheds, [8.0], [0.01, 0.03], [50, 51], rec)
+    assert tun[8.0].budget() == {s: 4 for s in scheds}
+    held = study_design.HeldOutTest(test)
+    lrs = {8.0: tun[8.0].chosen, 1.0: tun[8.0].chosen}
+    final = pp.run_verdict(arms, scheds, lrs, [0, 1], held, rec)
+    # only_public has no private step: one run and one test look per seed, listed at both epsilons
+    assert len(held.used) == 2 * 2 * 2 + 2 and len(final) == 12
+    op = [r for r in final if r["schedule"] == "only_public"]
+    assert {r["epsilon"] for r in op} == {8.0, 1.0} and len({(r["seed"], r["test_acc"]) for r in op}) == 2
+    comps = {pp.CLAIM_PUBLIC: ("sequential", "only_public"), pp.CLAIM_SCRATCH: ("sequential", "only_private")}
+    pp.record_comparisons(rec, final, comps, 8.0, 0.1, "tiny")
+    pp.record_comparisons(rec, final, comps, 1.0, 0.1, "tiny", tag=False)
+    tagged = rec.of("test_acc_difference", claim_id=pp.CLAIM_PUBLIC)
+    assert len(tagged) == 2 and all(r["epsilon"] == 8.0 for r in tagged)
+    assert len([r for r in rec.of("test_acc_difference") if "claim_id" not in r]) == 4
+    cv = pp.curvature_claim(arms, [0, 1], 8.0, 0.01, rec, n_examples=32, n_probes=2)
+    assert {(r["seed"], r["when"]) for r in cv} == {(s, w) for s in (0, 1) for w in ("early", "late")}
+    assert len(rec.of("trace_hessian", claim_id=pp.CLAIM_CURVATURE)) == 4
+    resets = pp.reset_claim(arms, [0, 1], 8.0, 0.01, held, rec, final)
+    assert {r["reset"] for r in resets} == set(pp.RESETS)
+    rows = rec.of("final_test_loss", claim_id=pp.CLAIM_RESET)
+    assert {r["method"] for r in rows} == {f"reset_{r}" for r in pp.RESETS} and len(rows) == 8
+    assert len(held.used) == 10 + 2 * 3  # reset m reuses the verdict's sequential run
+
+
+def test_curvature_trajectory_replays_the_run_prefix(split_arms):
+    arms, _ = split_arms
+    rec = Rec()
+    traj = pp.curvature_trajectory(arms, 0, 8.0, 0.01, [0, 3], rec, n_examples=32, n_probes=2)
+    assert [t["step"] for t in traj] == [0, 3] and all(math.isfinite(t["tr_h"]) for t in traj)

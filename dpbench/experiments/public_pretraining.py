@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from dpbench.data import load_dataset
 from dpbench.errors import UserError
+from dpbench.experiments import study_design
 from dpbench.models import create_model
 from dpbench.privacy import accounting
 from dpbench.training import diagnostics, mixing
@@ -488,3 +489,223 @@ def plot_reset_differences(diff, *, switch_step: int, reference: str, n_seeds: i
     fig.suptitle(f"Which state to reset at the switch (step {switch_step}): difference to resetting {reference} "
                  f"(the paper's choice; {spread})")
     return fig
+
+
+# ---------------------------------------------------------------------------- a decidable study (issue 16)
+# Claims judged at eps 8 (the paper's) with eps 1 beside; every schedule tuned on the same
+# learning-rate grid on a validation split carved from the training data; the test set read
+# once per run; comparisons fixed in the params; seed counts sized on the tuning seeds.
+# The paper's sigma sqrt(d) / B, ViT-Base (d = 86M) on ImageNet-11k (10.5M images) at eps 8,
+# with B = 4096 (?) and delta = 1e-8 (?): about 1.0-1.2 for 1-30 epochs (RDP); 1.1 is shown.
+PAPER_NOISE_TO_SIGNAL = 1.1
+CLAIM_SCRATCH, CLAIM_MIXING, CLAIM_PUBLIC = "A-public-beats-scratch", "A-sequential-beats-mixing", "A-sequential-beats-public"
+CLAIM_CURVATURE, CLAIM_RESET = "A-curvature-falls", "A-reset-m-best"
+NONPRIVATE_SCHEDULES = ("only_public",)  # no private step: one run per seed serves every epsilon
+
+
+def prepare_split(*, dataset: str, data_root: str | None, model_name: str, model_kwargs: dict,
+                  public_fraction: float, public_fractions: Sequence[float], validation_fraction: float, seed: int,
+                  **settings: Any) -> tuple[Arms, Any]:
+    """`prepare` on the fit part of the training data: a stratified `validation_fraction`
+    is carved off first (seed `seed`), then the fit part is split public/private. The
+    returned `Arms` evaluates on the validation part (its `test`); the real test set is
+    returned beside it, to be read once per run through `study_design.HeldOutTest`."""
+    train = load_dataset(dataset, "train", data_root=data_root)
+    test = load_dataset(dataset, "test", data_root=data_root)
+    fit_part, val = study_design.carve_validation(train, validation_fraction, seed)
+    C, H, _ = train.input_shape
+    spec = {"name": model_name, "num_classes": train.num_classes, "in_chans": C, "img_size": H, **model_kwargs}
+    fractions = sorted(set(public_fractions) | {public_fraction})
+    splits = {f: mixing.split_dataset(fit_part, public_fraction=f, seed=seed) for f in fractions}
+    arms = Arms(train=fit_part, test=val, model_spec=spec, splits=splits, public_fraction=public_fraction,
+                dataset=dataset, model_name=model_name, **settings)
+    return arms, test
+
+
+def regime_rows(arms: Arms, epsilons: Sequence[float], rec: Any, seed: int) -> list[dict[str, Any]]:
+    """`noise_scale` at each epsilon, with the paper's sigma sqrt(d) / B beside ours."""
+    rows = []
+    for eps in epsilons:
+        for r in noise_scale(replace(arms, target_epsilon=eps), rec, seed):
+            rows.append({"epsilon": eps, **r, "paper sigma*sqrt(d)/B": PAPER_NOISE_TO_SIGNAL})
+    return rows
+
+
+def run_at(arms: Arms, schedule: str, seed: int, *, lr: float, epsilon: float, **kw: Any) -> TrainResult:
+    """`Arms.run` at learning rate `lr` and target `epsilon`."""
+    return replace(arms, lr=lr, target_epsilon=epsilon).run(schedule, seed, **kw)
+
+
+def tune_schedules(arms: Arms, schedules: Sequence[str], epsilons: Sequence[float], lr_grid: Sequence[float],
+                   seeds: Sequence[int], rec: Any) -> dict[float, study_design.Tuning]:
+    """Per epsilon, the same learning-rate grid and tuning seeds for every schedule, scored
+    by validation accuracy (an equal budget). A schedule without private steps is trained
+    once per (lr, seed) and its score reused at every epsilon."""
+    cache: dict[tuple, float] = {}
+
+    def score_at(eps):
+        def score(schedule, lr, s):
+            key = (schedule, lr, s) if schedule in NONPRIVATE_SCHEDULES else (schedule, lr, s, eps)
+            if key not in cache:
+                cache[key] = run_at(arms, schedule, s, lr=lr, epsilon=eps).final["test_acc"]  # validation part
+            return cache[key]
+        return score
+
+    return {eps: study_design.tune(schedules, lr_grid, score_at(eps), seeds, rec=rec, metric="validation_acc",
+                                   epsilon=eps, study="tuning") for eps in epsilons}
+
+
+def pilot_sizing(tunings: dict[float, study_design.Tuning], comparisons: dict[str, tuple[str, str]], epsilon: float,
+                 targets: dict[str, float], *, min_seeds: int = 6, max_seeds: int = 40) -> list[dict[str, Any]]:
+    """Per pre-registered comparison at `epsilon`: the tuning seeds' paired validation
+    differences at the chosen rates and the seeds that bring the 95% half-width under the
+    claim's target."""
+    t, rows = tunings[epsilon], []
+    for claim, (x, y) in comparisons.items():
+        a, b = t.scores(x), t.scores(y)
+        d = [a[s] - b[s] for s in a if s in b]
+        rows.append({"claim": claim, "pair": f"{x} - {y}", "pilot_mean": float(np.mean(d)),
+                     "pilot_sd": float(np.std(d, ddof=1)), "target_halfwidth": targets[claim],
+                     "seeds_needed": study_design.seeds_needed(d, targets[claim], min_seeds=min_seeds,
+                                                               max_seeds=max_seeds)})
+    return rows
+
+
+def run_verdict(arms: Arms, schedules: Sequence[str], lrs: dict[float, dict[str, float]], seeds: Sequence[int],
+                test: study_design.HeldOutTest, rec: Any, *, fraction: float | None = None,
+                on_switch: Callable | None = None) -> list[dict[str, Any]]:
+    """Every schedule at every epsilon of `lrs` ({eps: {schedule: lr}}) and seed, on the split
+    at `fraction` (default: the main one); each final model evaluated once on the test set.
+    Runs go to `arms.runs[("verdict", fraction, eps, schedule, seed)]` (a schedule without
+    private steps is run once per seed and listed at every epsilon); histories (validation)
+    and final test rows go to `rec`. `on_switch` is called by the sequential arm of the first
+    seed at the first epsilon (the public checkpoint). Returns one dict per (eps, schedule, seed)."""
+    fraction = arms.public_fraction if fraction is None else fraction
+    out, shared = [], {}
+    for i, eps in enumerate(lrs):
+        for name in schedules:
+            for s in seeds:
+                cb = on_switch if (name == "sequential" and s == seeds[0] and i == 0) else None
+                if name in NONPRIVATE_SCHEDULES and (name, s) in shared:
+                    r, (loss, acc) = shared[(name, s)]
+                else:
+                    r = run_at(arms, name, s, lr=lrs[eps][name], epsilon=eps, fraction=fraction, on_switch=cb)
+                    loss, acc = test.evaluate(r.model, (fraction, name, s) if name in NONPRIVATE_SCHEDULES
+                                              else (fraction, eps, name, s))
+                    r.record(rec, method=name, seed=s, study="verdict", public_fraction=fraction,
+                             epsilon_target=eps, split="validation")
+                    if name in NONPRIVATE_SCHEDULES:
+                        shared[(name, s)] = (r, (loss, acc))
+                arms.runs[("verdict", fraction, eps, name, s)] = r
+                out.append({"epsilon": eps, "schedule": name, "seed": s, "public_fraction": fraction,
+                            "lr": lrs[eps][name], "test_acc": acc, "test_loss": loss, "epsilon_spent": r.epsilon,
+                            "private_steps": r.private_steps, "sigma": r.noise_multiplier})
+                rec.add("final_test_acc", acc, method=name, seed=s, epsilon=eps, public_fraction=fraction,
+                        study="verdict", lr=lrs[eps][name])
+                rec.add("final_test_loss", loss, method=name, seed=s, epsilon=eps, public_fraction=fraction,
+                        study="verdict", lr=lrs[eps][name])
+    return out
+
+
+def record_comparisons(rec: Any, final: Sequence[dict[str, Any]], comparisons: dict[str, tuple[str, str]],
+                       epsilon: float, fraction: float, setting: str, *, tag: bool = True) -> list[dict[str, Any]]:
+    """Per pre-registered comparison and seed, the test-accuracy difference X - Y at
+    (`epsilon`, `fraction`) as a `test_acc_difference` row, tagged with its claim when `tag`
+    (the claims' own setting), untagged otherwise (shown beside). Returns per claim: the mean,
+    95% half-width and seeds."""
+    by = {(r["schedule"], r["seed"]): r["test_acc"] for r in final
+          if r["epsilon"] == epsilon and r["public_fraction"] == fraction}
+    seeds = sorted({s for _, s in by})
+    out = []
+    for claim, (x, y) in comparisons.items():
+        d = {s: by[(x, s)] - by[(y, s)] for s in seeds if (x, s) in by and (y, s) in by}
+        for s, v in d.items():
+            cols = dict(claim_id=claim, setting=setting) if tag else {}
+            rec.add("test_acc_difference", v, method=f"{x} - {y}", epsilon=epsilon, seed=s, comparison="difference",
+                    public_fraction=fraction, study="verdict", **cols)
+        out.append({"claim": claim, "epsilon": epsilon, "public_fraction": fraction, "pair": f"{x} - {y}",
+                    "mean": float(np.mean(list(d.values()))), "halfwidth": study_design.halfwidth(list(d.values())),
+                    "seeds": len(d)})
+    return out
+
+
+def trace_h(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, n_probes: int, seed: int) -> float:
+    """Hutchinson estimate of tr(H) of the mean loss on (x, y) (eval mode)."""
+    was = model.training
+    model.eval()
+    try:
+        op = diagnostics.HessianOperator(model, x, y)
+        dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return float(diagnostics.hutchinson_trace(op.hvp, dim, n_probes=n_probes, seed=seed)[0])
+    finally:
+        model.train(was)
+
+
+def curvature_claim(arms: Arms, seeds: Sequence[int], epsilon: float, lr: float, rec: Any, *, n_examples: int,
+                    n_probes: int) -> list[dict[str, Any]]:
+    """A-curvature-falls: per seed, tr(H) on the first `n_examples` private examples at the
+    random-head initialisation of the only_private run ("early") and at its final model
+    ("late"; from `arms.runs`), rows `trace_hessian` tagged with the claim."""
+    x, y = arms.data.private.tensors(torch.arange(min(n_examples, arms.data.n_private)))
+    out = []
+    for s in seeds:
+        torch.manual_seed(s)
+        init = create_model(**arms.model_spec)
+        final = arms.runs[("verdict", arms.public_fraction, epsilon, "only_private", s)].model
+        for label, m in (("early", init), ("late", final)):
+            tr = trace_h(m.to(arms.device), x.to(arms.device), y.to(arms.device), n_probes=n_probes, seed=s)
+            out.append({"seed": s, "when": label, "tr_h": tr})
+            rec.add("trace_hessian", tr, method=label, seed=s, epsilon=epsilon, study="curvature",
+                    claim_id=CLAIM_CURVATURE, lr=lr,
+                    setting=f"Hutchinson tr(H), {n_probes} probes on {len(y)} private examples: random-head "
+                            f"initialisation (early) vs the end of only_private at eps={epsilon:g} (late)")
+    return out
+
+
+def curvature_trajectory(arms: Arms, seed: int, epsilon: float, lr: float, checkpoints: Sequence[int], rec: Any, *,
+                         n_examples: int, n_probes: int) -> list[dict[str, Any]]:
+    """tr(H) along the only_private trajectory of `seed`: the run repeated for each step count
+    in `checkpoints` with the full run's sigma (the same seed and plan replay the same first
+    steps), tr(H) of each prefix's model. Rows `trace_hessian_trajectory` (never judged)."""
+    x, y = arms.data.private.tensors(torch.arange(min(n_examples, arms.data.n_private)))
+    sigma = arms.runs[("verdict", arms.public_fraction, epsilon, "only_private", seed)].noise_multiplier
+    part, out = arms.data, []
+    for k in checkpoints:
+        torch.manual_seed(seed)
+        model = create_model(**arms.model_spec)
+        if k > 0:
+            sched = mixing.make_schedule("only_private", k, switch_step=0, n_public=part.n_public,
+                                         n_private=part.n_private)
+            model = mixing.fit_mixed(
+                model, part, sched, private_batch_size=arms.private_batch_size, public_batch_size=arms.public_batch_size,
+                optimizer="adamw", lr=lr, optimizer_kwargs={"weight_decay": arms.weight_decay}, noise_multiplier=sigma,
+                delta=arms.delta, max_grad_norm=arms.max_grad_norm, clip_fn="automatic", gamma=arms.gamma,
+                eval_every=None, eval_at_start=False, seed=seed, device=arms.device, progress=False).model
+        tr = trace_h(model.to(arms.device), x.to(arms.device), y.to(arms.device), n_probes=n_probes, seed=seed)
+        out.append({"step": k, "tr_h": tr})
+        rec.add("trace_hessian_trajectory", tr, method="only_private", seed=seed, step=k, epsilon=epsilon,
+                study="curvature")
+    return out
+
+
+def reset_claim(arms: Arms, seeds: Sequence[int], epsilon: float, lr: float, test: study_design.HeldOutTest,
+                rec: Any, final: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A-reset-m-best on test loss: the sequential arm at `lr` resetting m, v, t or nothing at
+    the switch, each final model evaluated once on the test set (reset m is the verdict's
+    sequential run, taken from `final`, `run_verdict`'s rows). Rows `final_test_loss` (method reset_<r>) tagged with the claim."""
+    out = []
+    for r_ in RESETS:
+        for s in seeds:
+            if r_ == arms.reset:
+                loss = next(r["test_loss"] for r in final if r["schedule"] == "sequential" and r["seed"] == s
+                            and r["epsilon"] == epsilon and r["public_fraction"] == arms.public_fraction)
+            else:
+                run = run_at(arms, "sequential", s, lr=lr, epsilon=epsilon, reset=r_, method=f"reset_{r_}")
+                arms.runs[("reset", r_, s)] = run
+                loss, _ = test.evaluate(run.model, ("reset", r_, s))
+            out.append({"reset": r_, "seed": s, "test_loss": loss})
+            rec.add("final_test_loss", loss, method=f"reset_{r_}", seed=s, epsilon=epsilon, study="reset",
+                    claim_id=CLAIM_RESET, lr=lr,
+                    setting=f"{arms.dataset}, {arms.model_name}, switch at {arms.switch_step} of {arms.steps} steps")
+    return out
+
