@@ -213,6 +213,11 @@ def test_tuning_is_equal_and_verdict_runs_use_the_test_set_once(split_arms):
     final = pp.run_verdict(arms, scheds, lrs, [0, 1], held, rec)
     # only_public has no private step: one run and one test look per seed, listed at both epsilons
     assert len(held.used) == 2 * 2 * 2 + 2 and len(final) == 12
+    for r in final:  # the cached calibration spends each DP arm's target epsilon for its own private steps
+        if r["private_steps"]:
+            assert r["epsilon_spent"] == pytest.approx(r["epsilon"], rel=0.01)
+            assert r["sigma"] == pytest.approx(accounting.noise_multiplier(r["epsilon"], 64 / arms.data.n_private,
+                                                                           r["private_steps"], delta=1e-5), rel=1e-6)
     op = [r for r in final if r["schedule"] == "only_public"]
     assert {r["epsilon"] for r in op} == {8.0, 1.0} and len({(r["seed"], r["test_acc"]) for r in op}) == 2
     comps = {pp.CLAIM_PUBLIC: ("sequential", "only_public"), pp.CLAIM_SCRATCH: ("sequential", "only_private")}

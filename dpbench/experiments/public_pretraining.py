@@ -19,6 +19,7 @@ Rows are written through a recorder (anything with `add(metric, value, **columns
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +43,13 @@ MODES = ("non_private", "clip_only", "noise_only", "dp")
 # figure 1: (start label, schedule) - from scratch is the only-private arm, the public checkpoint the sequential one
 STARTS = (("from scratch", "only_private"), ("from public checkpoint", "sequential"))
 DIAG_KEYS = ("gtg", "g_dot", "ghg", "tr_h", "tr_sigma", "tr_h_sigma")
+
+
+@functools.lru_cache(maxsize=256)
+def calibrated_sigma(epsilon: float, sample_rate: float, steps: int, delta: float) -> float:
+    """The RDP noise multiplier reaching `epsilon` in `steps` Poisson-sampled steps at
+    `sample_rate` (cached: one calibration serves every seed and learning rate)."""
+    return accounting.noise_multiplier(float(epsilon), float(sample_rate), int(steps), delta=float(delta))
 
 
 @dataclass
@@ -99,10 +107,15 @@ class Arms:
                                      n_public=part.n_public, n_private=part.n_private)
         torch.manual_seed(seed)
         model = create_model(**self.model_spec)
+        # sigma for this epsilon, q and private step count, calibrated once per study (not per run)
+        privacy = {"target_epsilon": self.target_epsilon}
+        if mode in ("dp", "noise_only") and sched.private_steps:
+            privacy = {"noise_multiplier": calibrated_sigma(self.target_epsilon, self.private_batch_size / part.n_private,
+                                                            sched.private_steps, self.delta)}
         return mixing.fit_mixed(
             model, part, sched, test_data=self.test, private_batch_size=self.private_batch_size,
             public_batch_size=self.public_batch_size, optimizer="adamw", lr=self.lr,
-            optimizer_kwargs={"weight_decay": self.weight_decay}, target_epsilon=self.target_epsilon,
+            optimizer_kwargs={"weight_decay": self.weight_decay}, **privacy,
             delta=self.delta, max_grad_norm=self.max_grad_norm, clip_fn="automatic", gamma=self.gamma, mode=mode,
             reset=self.reset if reset is None else reset, max_physical_batch=self.max_physical_batch,
             eval_every=self.eval_every, eval_batch_size=self.eval_batch_size, seed=seed, device=self.device,
