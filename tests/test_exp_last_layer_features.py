@@ -339,3 +339,95 @@ def test_real_feature_task_caches_backbone_features(tmp_path):
     assert "train cache miss" in first.notes[1] and "train cache hit, test cache hit" in second.notes[1]
     assert first.backbone_source == "public" and first.train[0].shape[1] == 64  # pooled to 1x1: 64 features
     assert torch.equal(first.train[0], second.train[0])
+
+
+# ------------------------------------------------------------------ the regime study (issue 17)
+
+from dpbench.experiments import feature_regime as fr  # noqa: E402
+from dpbench.experiments import neps  # noqa: E402
+from dpbench.training import linear as L  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def regime_task():
+    return fr.regime_task(2000, 12, 4, n_test=400, n_public=800, n_public_val=300, separation=0.6, label_noise=0.05,
+                          seed=3)
+
+
+@pytest.mark.parametrize("eps", [None, 0.7])
+def test_statistics_reuse_reproduces_the_solvers(regime_task, eps):
+    t = regime_task
+    st = fr.sufficient_stats(t.private, 4, 1.0)
+    ref = L.dp_least_squares(t.private.x, t.private.y, 4, epsilon=eps, delta=1e-5, alpha=2.0, lam=1.0, lam_noise=0.5,
+                             seed=5)
+    w, _ = fr.ls_solve(fr.ls_noisy(st, eps, 1e-5, "pld", 5), alpha=2.0, lam=1.0, lam_noise=0.5)
+    assert torch.allclose(w, ref.weights, rtol=1e-5, atol=1e-6)
+    ref = L.dp_fc(t.private.x, t.private.y, 4, epsilon=eps, delta=1e-5, lr=0.3, lam=1.0, lam_noise=0.5, steps=3, seed=5)
+    (w, _), (w_other, _) = fr.fc_runs(t.private, st, 4, [dict(epsilon=eps, seed=5, lr=0.3, lam=1.0, lam_noise=0.5),
+                                                        dict(epsilon=eps, seed=6, lr=0.1, lam=1.0, lam_noise=0.5)],
+                                      steps=3, bias=-10.0, delta=1e-5, conversion="pld")
+    assert torch.allclose(w, ref.weights, rtol=1e-5, atol=1e-6)  # batching runs changes nothing
+    assert not torch.allclose(w_other, ref.weights)
+
+
+def test_head_gradient_norms_match_autograd():
+    torch.manual_seed(0)
+    x, y = torch.randn(7, 5), torch.randint(0, 3, (7,))
+    w = torch.randn(3, 5, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    resid = torch.softmax(x @ w.T + b, 1).detach() - torch.nn.functional.one_hot(y, 3)
+    for i in range(7):
+        gw, gb = torch.autograd.grad(torch.nn.functional.cross_entropy((x[i] @ w.T + b)[None], y[i:i + 1]), (w, b))
+        assert fr.head_gradient_norms(resid[i:i + 1], x[i:i + 1])[0] == pytest.approx(
+            float(torch.sqrt(gw.pow(2).sum() + gb.pow(2).sum())), rel=1e-5)
+
+
+def test_dp_sgd_head_noise_shrinks_with_epsilon(regime_task):
+    t = regime_task
+    kw = dict(delta=1e-5, batch_fraction=0.5, steps=5, lr=4.0, seed=1)
+    clean = fr.dp_sgd_head(t.private, 4, epsilon=None, **kw)[0]
+    far = (fr.dp_sgd_head(t.private, 4, epsilon=0.05, **kw)[0] - clean).norm()
+    near = (fr.dp_sgd_head(t.private, 4, epsilon=50.0, **kw)[0] - clean).norm()
+    assert near < far
+
+
+def test_every_solver_gets_an_equal_tuning_budget():
+    grids = fr.default_grids(1000)
+    assert fr.equal_budget(grids) == len(grids["least_squares"])
+    with pytest.raises(UserError):
+        fr.equal_budget({"least_squares": grids["least_squares"], "dp_sgd": grids["dp_sgd"][:-1]})
+
+
+def test_tuning_uses_only_the_public_draw_at_the_same_n_eps(regime_task):
+    t = regime_task
+    assert fr.public_epsilon(2.0, t.n, t.public.n) * t.public.n == pytest.approx(2.0 * t.n)
+    seen = []
+
+    class Spy(fr.Runner):
+        def run(self, method, jobs, evaluate):
+            seen.append((self.train is t.public, evaluate is t.public_val, [j[0] for j in jobs]))
+            return [0.5 + 0.01 * i for i in range(len(jobs))]
+
+    chosen, rows = fr.tune(Spy(t, t.public, delta=1e-5, conversion="pld"), t, ["least_squares", "dp_fc"], [1.0, None],
+                           fr.default_grids(t.n), seed=9)
+    assert all(a and b for a, b, _ in seen)
+    assert {e for *_, es in seen for e in es} == {fr.public_epsilon(1.0, t.n, t.public.n), None}
+    assert chosen[("least_squares", 1.0)] == fr.default_grids(t.n)["least_squares"][-1]
+
+
+def test_claim_rows_are_keyed_to_n_eps_bands_never_pooled():
+    n = 200_000
+    eps = neps.epsilon_grid([0.1, 0.5, 2.0, 8.0], n)
+    results = [dict(method=m, epsilon=e, seed=s, accuracy=0.5) for m in ("least_squares", "logistic", "dp_fc")
+               for e in eps for s in range(2)]
+    rows = fr.claim_rows(results + [dict(method="least_squares", epsilon=math.inf, seed=0, accuracy=0.9)], n,
+                         setting="t")
+    low = [r for r in rows if r["claim_id"] == "E-ls-beats-logistic-low-eps"]
+    high = [r for r in rows if r["claim_id"] == "E-ls-beats-logistic"]
+    assert {r["epsilon"] for r in low} == set(eps[:2]) and {r["epsilon"] for r in high} == set(eps[2:])
+    assert all(neps.band_of(n, r["epsilon"]) == "ImageNet eps < 1" for r in low)
+    # within a band only epsilon (and n, fixed) may vary: nothing else that moves with epsilon is a column
+    for r in rows:
+        assert set(r) <= {"metric", "value", "method", "epsilon", "n", "seed", "claim_id", "unit", "feature_set",
+                          "setting"}
+    assert not [r for r in rows if r["claim_id"] == "E-newton-beats-ls-high-eps"]  # newton not run: no rows

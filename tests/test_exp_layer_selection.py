@@ -14,6 +14,7 @@ from dpbench import models as M
 from dpbench.data import load_dataset
 from dpbench.errors import UserError
 from dpbench.experiments import layer_selection as ls
+from dpbench.experiments import subset_study as ss
 from dpbench.privacy import selection as tuning
 from dpbench.training import mixing
 from dpbench.privacy.accounting import steps_for_epochs
@@ -265,3 +266,56 @@ def test_private_selection_costs_the_target(setup):
     (rec,) = add.of("test_acc")
     assert rec["method"] == "private selection" and rec["status"] == ("ok" if row["K"] else "failed")
     assert np.isfinite(rec["per_run_epsilon"])
+
+
+# ----------------------------------------------------------------------- the issue-17 study design
+
+
+def test_selection_and_evaluation_seeds_are_disjoint():
+    sel, ev = ss.seeds_for(5, 3, 6)
+    assert not set(sel) & set(ev) and len(sel) == 3 and len(ev) == 6
+    with pytest.raises(UserError):
+        ss.check_disjoint([1, 2], [2, 3])
+
+
+def test_every_subset_gets_the_same_tuning_budget():
+    grid = ss.tuning_grid(["head", "bias+head", "all"], [0.03, 0.1, 0.3])
+    assert set(ss.budget_per_subset(grid).values()) == {3}
+    with pytest.raises(UserError):
+        ss.tuning_grid(["head"], [])
+
+
+def _fake_runs(split, seeds, val, test):
+    return [dict(subset=s, lr=lr, eps=e, seed=k, split=split, val_acc=val(s, lr, e, k), test_acc=test(s, lr, e, k),
+                 trained_params=1) for e in (1.0, 2.0, 8.0) for k in seeds for s in ("head", "all") for lr in (0.1, 1.0)]
+
+
+def test_choice_uses_validation_of_selection_runs_only():
+    # validation prefers head at eps 1 and all at eps 8 (lr 1.0); test accuracy would say the opposite
+    sel = _fake_runs("select", [0, 1], lambda s, lr, e, k: (0.9 if (s == "head") == (e < 4) else 0.5) + 0.01 * lr,
+                     lambda s, lr, e, k: 0.0 if (s == "head") == (e < 4) else 1.0)
+    best_lr, selected = ss.choose(sel)
+    assert selected == {1.0: "head", 2.0: "head", 8.0: "all"}
+    assert best_lr[("head", 1.0)] == 1.0
+    with pytest.raises(UserError):
+        ss.choose(sel + [dict(sel[0], split="evaluate")])
+
+
+def test_claim_rows_judge_only_evaluation_runs_and_the_interaction():
+    sel = _fake_runs("select", [0, 1], lambda s, lr, e, k: 0.9 if (s == "head") == (e < 4) else 0.5,
+                     lambda *a: 0.5)
+    _, selected = ss.choose(sel)
+    ev = [dict(r, split="evaluate", seed=r["seed"] + 10, lr=0.1,
+               test_acc=(0.8 if r["subset"] == "head" else 0.7) if r["eps"] == 1.0 else
+               (0.6 if r["subset"] == "head" else 0.9)) for r in sel if r["lr"] == 0.1]
+    rows = []
+    ss.claim_rows(sel, ev, selected, lambda metric, value, **kw: rows.append(dict(metric=metric, value=value, **kw)),
+                  setting="test")
+    judged = [r for r in rows if r["claim_id"] != "D-layer-choice-matters" and r.get("comparison") != "analogue"]
+    assert judged and all(r["split"] == "evaluate" and r["seed"] >= 10 for r in judged)
+    choice = [r for r in rows if r["claim_id"] == "D-layer-choice-matters"]
+    assert {r["split"] for r in choice} == {"select", "evaluate"}
+    assert all(r["metric"] == "val_acc" for r in choice if r["split"] == "select")
+    it = ss.interaction(ev)
+    assert it["mean"] == pytest.approx((0.8 - 0.7) - (0.6 - 0.9)) and it["n"] == 2
+    assert {r["method"] for r in rows if r["claim_id"] == "D-selected-beats-all-eps1"} == {"selected", "all"}

@@ -1,0 +1,539 @@
+"""Last-layer solvers in the papers' regime: n·eps keying, public-draw tuning, claim rows
+(issue 17; PAPERS.md E; the notebook 05 study).
+
+At the papers' scale (ImageNet, n = 1.28M, d = 768-2048) what decides which solver wins is
+the noise relative to the data, keyed by n·eps (`dpbench.experiments.neps`). This module runs
+the solvers of `dpbench.training.linear` on a large synthetic feature set (n ~ 200,000,
+d >= 512) at epsilons whose n·eps spans ImageNet's eps from 0.1 to 8, with:
+
+- each solver's hyperparameters tuned, per epsilon, on a separate *public* synthetic draw
+  (same distribution and size; scored on a public validation draw), with the same number
+  of configurations for every solver (`equal_budget`): tuning costs no privacy;
+- each solver's non-private ceiling (its best public-tuned configuration without noise);
+- sufficient statistics computed once: DP least squares and DP-FC add fresh noise per
+  (epsilon, seed) to statistics computed once (`ls_noisy` / `fc_runs` reproduce
+  `linear.dp_least_squares` / `linear.dp_fc` exactly, same generator order; tested);
+- claim rows keyed by n and epsilon, averaged per seed only within one n·eps band, never
+  across bands; their columns hold nothing that varies within a band except epsilon.
+DP-SGD / DP-Adam on the head run in closed form (`dp_sgd_head`, the mechanism of
+`linear.dp_sgd_logistic` without the general loop, which takes ~13 s per run at this n).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from dpbench.errors import UserError
+from dpbench.experiments import neps
+from dpbench.privacy import accounting
+from dpbench.training import features as F
+from dpbench.training import linear as L
+
+MAT = L.MAT
+FAST = ("least_squares", "dp_fc")  # solvers run here on statistics computed once
+LOGISTIC = ("dp_sgd", "dp_adam")
+
+
+# ------------------------------------------------------------------------------- the data
+
+
+@dataclass
+class Split:
+    """Clipped features (float32) and labels of one part of the synthetic draw."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class RegimeTask:
+    """The private training set, the test set and the public draw (train/validation) used only
+    for tuning and the normaliser; all clipped to `clip_norm` after public-only normalisation."""
+
+    private: Split
+    test: Split
+    public: Split
+    public_val: Split
+    num_classes: int
+    clip_norm: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return self.private.n
+
+    @property
+    def dim(self) -> int:
+        return int(self.private.x.shape[1])
+
+
+def regime_task(n: int, dim: int, num_classes: int, *, n_test: int, n_public: int, n_public_val: int,
+                separation: float, label_noise: float, clip_norm: float = 1.0, seed: int = 0) -> RegimeTask:
+    """A synthetic feature task: `features.synthetic_features` with a public draw of
+    `n_public` training and `n_public_val` validation examples from the same distribution
+    (used only for tuning and for the normaliser, which is fitted on the public draw)."""
+    syn = F.synthetic_features(n, dim, num_classes, n_test=n_test, n_public=n_public + n_public_val,
+                               separation=separation, label_noise=label_noise, seed=seed)
+    pub_x, pub_y = syn.public.features, syn.public.labels
+    norm = F.PublicNormalizer().fit(pub_x[:n_public])
+
+    def part(x, y):
+        return Split(L.clip_features(norm.transform(x), clip_norm).contiguous(), y.long())
+
+    return RegimeTask(part(syn.train.features, syn.train.labels), part(syn.test.features, syn.test.labels),
+                      part(pub_x[:n_public], pub_y[:n_public]), part(pub_x[n_public:], pub_y[n_public:]),
+                      syn.num_classes, clip_norm,
+                      [syn.description, f"private n={n:,}, d={dim}; test {n_test:,}; public draw {n_public:,} (tuning, at "
+                                        f"the same n·eps) + {n_public_val:,} (public validation); normaliser fitted on "
+                                        f"the public draw"])
+
+
+# ------------------------------------------------------------------------ sufficient statistics
+
+
+@dataclass
+class Stats:
+    """sum_i x_i x_i', the per-class sums of x x', and the per-class sums of x (float64)."""
+
+    gram: torch.Tensor
+    per_class: torch.Tensor
+    sums: torch.Tensor
+    n: int
+    clip_norm: float
+
+
+def sufficient_stats(split: Split, num_classes: int, clip_norm: float) -> Stats:
+    """The statistics DP least squares and DP-FC release, computed once per data set (the
+    features are already clipped)."""
+    x, y = split.x, split.y
+    gram = (x.T @ x).to(MAT)
+    per_class = torch.stack([x[y == c].T @ x[y == c] for c in range(num_classes)]).to(MAT)
+    sums = (L.one_hot(y, num_classes, x.dtype).T @ x).to(MAT)
+    return Stats(gram, per_class, sums, split.n, float(clip_norm))
+
+
+def _gen(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    return g
+
+
+@dataclass
+class NoisyLS:
+    """The three noisy releases of DP least squares for one (epsilon, seed), PSD-projected."""
+
+    gram: torch.Tensor
+    per_class: torch.Tensor
+    sums: torch.Tensor
+    noise_g: float  # noise std on the gram (s_g C^2); 0 without DP
+    noise_a: float
+    sigmas: tuple = ()
+
+
+def ls_noisy(stats: Stats, epsilon: float | None, delta: float, conversion: str, seed: int) -> NoisyLS:
+    """Noise on the statistics exactly as `linear.dp_least_squares` draws it (same generator
+    order: G, then the L class matrices, then the class sums); `epsilon=None`: no noise."""
+    if epsilon is None:
+        return NoisyLS(stats.gram, stats.per_class, stats.sums, 0.0, 0.0)
+    d, nc, c, c2 = stats.gram.shape[0], stats.sums.shape[0], stats.clip_norm, stats.clip_norm ** 2
+    s_g, s_a, s_b = L.calibrate_releases(epsilon, delta, (1.0, 1.0, 1.0), conversion)
+    gen = _gen(seed)
+    gram = L.project_psd(stats.gram + L.symmetric_gaussian_noise(d, s_g * c2, gen, dtype=MAT))
+    per_class = L.project_psd(stats.per_class + L.symmetric_gaussian_noise(d, s_a * c2, gen, dtype=MAT, batch=(nc,)))
+    sums = stats.sums + torch.randn(stats.sums.shape, generator=gen, dtype=MAT) * (s_b * c)
+    return NoisyLS(gram, per_class, sums, s_g * c2, s_a * c2, (s_g, s_a, s_b))
+
+
+def ls_solve(noisy: NoisyLS, *, alpha: float, lam: float, lam_noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """theta_l = (A_l + alpha G + ridge I)^-1 b_l (as `linear.dp_least_squares`); returns
+    (weights, zero bias)."""
+    d = noisy.gram.shape[0]
+    ridge = lam + (L.noise_ridge(lam_noise, d, noisy.noise_a + alpha * noisy.noise_g) if noisy.noise_a else 0.0)
+    a = noisy.per_class + alpha * noisy.gram + ridge * torch.eye(d, dtype=MAT)
+    theta = torch.linalg.solve(a, noisy.sums.unsqueeze(-1)).squeeze(-1)
+    return theta, torch.zeros(theta.shape[0], dtype=MAT)
+
+
+def accuracy(w: torch.Tensor, b: torch.Tensor, split: Split) -> float:
+    """Top-1 accuracy of the linear head (w, b) on clipped features."""
+    return float(((split.x @ w.float().T + b.float()).argmax(1) == split.y).float().mean())
+
+
+def fc_runs(split: Split, stats: Stats, num_classes: int, runs: Sequence[dict[str, Any]], *, steps: int,
+            bias: float, delta: float, conversion: str, cg_tol: float = 1e-8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """DP-FC (as `linear.dp_fc`, one noise multiplier for the T + 1 releases) for several runs
+    at once: each run is a dict with `epsilon` (None: no noise), `seed`, `lr`, `lam` and
+    `lam_noise`. The covariance release reuses `stats.gram`; one pass over the data per step
+    serves every run. Returns (weights, bias) per run."""
+    x, c = split.x, stats.clip_norm
+    d, nc, c2 = x.shape[1], num_classes, c ** 2
+    yy = L.one_hot(split.y, nc, x.dtype)
+    xnorm = x.norm(dim=1)
+    frac = 1.0 / (int(steps) + 1)
+    state = []
+    for r in runs:
+        if r["epsilon"] is None:
+            cov, gen, s_grad, ridge = stats.gram, None, 0.0, float(r["lam"])
+        else:
+            sig = L.calibrate_releases(r["epsilon"], delta, [frac] + [(1 - frac) / steps] * int(steps), conversion)
+            gen = _gen(r["seed"])
+            cov = L.project_psd(stats.gram + L.symmetric_gaussian_noise(d, sig[0] * c2, gen, dtype=MAT))
+            s_grad, ridge = sig[1], float(r["lam"]) + L.noise_ridge(r["lam_noise"], d, sig[0] * c2)
+        state.append(dict(pre=cov + ridge * torch.eye(d, dtype=MAT), gen=gen, s=s_grad, lr=float(r["lr"]),
+                          w=torch.zeros(nc, d, dtype=MAT)))
+    b = torch.full((nc,), float(bias), dtype=MAT)
+    for _ in range(int(steps)):
+        wall = torch.cat([s["w"] for s in state]).float()  # (R L, d)
+        p = torch.sigmoid(x @ wall.T + float(bias)).view(len(x), len(state), nc)
+        resid = p - yy.unsqueeze(1)
+        factor = torch.clamp(c / (resid.norm(dim=2) * xnorm.unsqueeze(1)).clamp_min(1e-30), max=1.0)
+        g_all = ((resid * factor.unsqueeze(2)).reshape(len(x), -1).T @ x).to(MAT).view(len(state), nc, d)
+        for s, g in zip(state, g_all):
+            if s["gen"] is not None:
+                g = g + torch.randn(g.shape, generator=s["gen"], dtype=MAT) * (s["s"] * c)
+            step = L.conjugate_gradient(lambda v, m=s["pre"]: m @ v, g.T, tol=cg_tol)
+            s["w"] = s["w"] - s["lr"] * step.T
+    return [(s["w"], b) for s in state]
+
+
+def head_gradient_norms(resid: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-example gradient norms of a linear softmax head with bias: the gradient of the
+    cross-entropy of example i with respect to (W, b) is (p_i - y_i) [x_i, 1]', whose
+    Frobenius norm is ||p_i - y_i|| * sqrt(||x_i||^2 + 1) (no per-example tensor is formed)."""
+    return resid.norm(dim=1) * torch.sqrt(x.pow(2).sum(1) + 1.0)
+
+
+def dp_sgd_head(split: Split, num_classes: int, *, epsilon: float | None, delta: float, batch_fraction: float | None,
+                steps: int, lr: float, optimizer: str = "sgd", grad_clip: float = 1.0, conversion: str = "pld",
+                seed: int = 0, betas: tuple = (0.9, 0.999), adam_eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """DP-SGD / DP-Adam of a zero-initialised linear softmax head, in closed form.
+
+    The same mechanism as `linear.dp_sgd_logistic` (which runs the shared loop; too slow for
+    the ~100 runs of the regime study at n = 200,000): each step draws a Poisson batch with
+    rate q = `batch_fraction` (None: the full batch, q = 1), clips every example's gradient to
+    `grad_clip` (norms by `head_gradient_norms`), adds N(0, sigma^2 grad_clip^2) once to the
+    summed gradient of (W, b), divides by the expected batch q n and steps. sigma is calibrated
+    for (epsilon, delta) over `steps` Poisson-subsampled Gaussian steps (q < 1) or `steps`
+    unsampled Gaussian releases (q = 1). Returns (W, b)."""
+    x, y = split.x, split.y
+    n, d = x.shape
+    q = 1.0 if batch_fraction is None else float(batch_fraction)
+    if not 0 < q <= 1 or int(steps) < 1:
+        raise UserError(f"need batch_fraction in (0, 1] and steps >= 1, got {batch_fraction!r}, {steps!r}")
+    if epsilon is None:
+        sigma = 0.0
+    elif q == 1.0:
+        sigma = L.calibrate_releases(epsilon, delta, [1.0] * int(steps), conversion)[0]
+    else:
+        sigma = accounting.noise_multiplier(epsilon, q, int(steps), delta=delta, accountant=conversion, tol=1e-4)
+    gen = _gen(seed)
+    w = torch.zeros(num_classes, d + 1)  # [W, b]
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    yy = L.one_hot(y, num_classes, x.dtype)
+    for t in range(1, int(steps) + 1):
+        idx = torch.nonzero(torch.rand(n, generator=gen) < q).reshape(-1) if q < 1 else None
+        xb, yb = (x, yy) if idx is None else (x[idx], yy[idx])
+        resid = torch.softmax(xb @ w[:, :d].T + w[:, d], dim=1) - yb
+        if epsilon is not None:
+            resid = resid * torch.clamp(grad_clip / head_gradient_norms(resid, xb).clamp_min(1e-30), max=1.0)[:, None]
+        g = torch.cat([resid.T @ xb, resid.sum(0)[:, None]], dim=1)
+        if epsilon is not None:
+            g = g + torch.randn(g.shape, generator=gen) * (sigma * grad_clip)
+        g = g / (q * n)  # the expected batch size, as DPOptimizer
+        if optimizer == "adam":
+            m = betas[0] * m + (1 - betas[0]) * g
+            v = betas[1] * v + (1 - betas[1]) * g * g
+            w = w - lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + adam_eps)
+        else:
+            w = w - lr * g
+    return w[:, :d].to(MAT), w[:, d].to(MAT)
+
+
+# ----------------------------------------------------------------------------- tuning grids
+
+
+def default_grids(n: int) -> dict[str, list[dict[str, Any]]]:
+    """The configurations each solver may choose from on the public draw: the same number
+    for every solver (`equal_budget`). DP-SGD / DP-Adam choose batch size, steps and learning
+    rate under a budget of 10 epochs; least squares its alpha and noise ridge; DP-FC its step
+    size and noise ridge (T = 10 and bias -10 as in the paper)."""
+    sgd_shapes = [(None, 10), (0.1, 100)]  # (batch as a fraction of the training set, None = full; steps): 10 epochs
+    return {
+        "least_squares": [dict(alpha=a, lam=1.0, lam_noise=ln) for a, ln in itertools.product((1.0, 4.0), (0.1, 0.5))],
+        "dp_fc": [dict(lr=lr, lam=1.0, lam_noise=ln) for lr, ln in itertools.product((0.1, 0.5), (0.1, 0.5))],
+        "dp_sgd": [dict(batch_fraction=b, steps=t, lr=lr) for (b, t), lr in itertools.product(sgd_shapes, (8.0, 64.0))],
+        "dp_adam": [dict(batch_fraction=b, steps=t, lr=lr) for (b, t), lr in itertools.product(sgd_shapes, (0.01, 0.1))],
+    }
+
+
+def equal_budget(grids: dict[str, Sequence[dict[str, Any]]]) -> int:
+    """The number of configurations every solver is tuned over; UserError when solvers get
+    different budgets (an unequal search favours the solver searched more)."""
+    sizes = {m: len(g) for m, g in grids.items()}
+    if len(set(sizes.values())) != 1:
+        raise UserError(f"unequal tuning budgets {sizes}: give every solver the same number of configurations")
+    return next(iter(sizes.values()))
+
+
+# --------------------------------------------------------------------------------- running
+
+
+class Runner:
+    """Runs any solver on one data split with statistics cached, for a list of configs."""
+
+    def __init__(self, task: RegimeTask, train: Split, *, delta: float, conversion: str, fc_steps: int = 10,
+                 fc_bias: float = -10.0, device: Any = "cpu"):
+        self.task, self.train, self.delta, self.conversion = task, train, delta, conversion
+        self.fc_steps, self.fc_bias, self.device = fc_steps, fc_bias, device
+        self.stats = sufficient_stats(train, task.num_classes, task.clip_norm)
+
+    def run(self, method: str, jobs: Sequence[tuple[float | None, int, dict[str, Any]]],
+            evaluate: Split) -> list[float]:
+        """Accuracy on `evaluate` of each job (epsilon or None, seed, config)."""
+        if method == "least_squares":
+            out, cache = [], {}
+            for eps, seed, cfg in jobs:
+                key = (eps, seed)
+                if key not in cache:  # the noise does not depend on the config: draw it once
+                    cache = {key: ls_noisy(self.stats, eps, self.delta, self.conversion, seed)}
+                out.append(accuracy(*ls_solve(cache[key], **cfg), evaluate))
+            return out
+        if method == "dp_fc":
+            runs = [dict(epsilon=eps, seed=seed, **cfg) for eps, seed, cfg in jobs]
+            heads = fc_runs(self.train, self.stats, self.task.num_classes, runs, steps=self.fc_steps, bias=self.fc_bias,
+                            delta=self.delta, conversion=self.conversion)
+            return [accuracy(w, b, evaluate) for w, b in heads]
+        if method in LOGISTIC:
+            conv = "pld" if self.conversion == "classic" else self.conversion
+            return [accuracy(*dp_sgd_head(self.train, self.task.num_classes, epsilon=eps, delta=self.delta,
+                                          optimizer=method[3:], conversion=conv, seed=seed, **cfg), evaluate)
+                    for eps, seed, cfg in jobs]
+        raise UserError(f"solver {method!r} is not run by this study; choose from {FAST + LOGISTIC}")
+
+
+def public_epsilon(epsilon: float | None, n: int, n_public: int) -> float | None:
+    """The epsilon at which the public draw (n_public examples) is tuned for our `epsilon` at n:
+    the same n·eps, so the tuning sees the private run's noise-to-data ratio."""
+    return None if epsilon is None else float(epsilon) * n / n_public
+
+
+def tune(public: Runner, task: RegimeTask, methods: Sequence[str], epsilons: Sequence[float | None],
+         grids: dict[str, Sequence[dict[str, Any]]], seed: int) -> tuple[dict, list[dict]]:
+    """Per solver and epsilon (None: the non-private ceiling), the configuration with the best
+    public-validation accuracy after training on the public draw at the same n·eps
+    (`public_epsilon`; one run per configuration, seed `seed`, never a private example).
+    Returns (chosen: {(method, eps): config}, rows)."""
+    equal_budget({m: grids[m] for m in methods})
+    chosen, rows = {}, []
+    for m in methods:
+        for eps in epsilons:
+            e_pub = public_epsilon(eps, task.n, task.public.n)
+            accs = public.run(m, [(e_pub, seed, cfg) for cfg in grids[m]], task.public_val)
+            best = int(np.argmax(accs))
+            chosen[(m, eps)] = dict(grids[m][best])
+            for i, (cfg, a) in enumerate(zip(grids[m], accs)):
+                rows.append(dict(method=m, epsilon=math.inf if eps is None else eps, config=i, public_val_acc=a,
+                                 public_epsilon=math.inf if e_pub is None else e_pub,
+                                 chosen=i == best, **{k: v for k, v in cfg.items()}))
+    return chosen, rows
+
+
+def tuning_metric_rows(tune_rows: Sequence[dict]) -> list[dict[str, Any]]:
+    """Recorder rows (`public_val_acc`, study=tuning) of every configuration tried on the public draw."""
+    return [dict(metric="public_val_acc", value=r["public_val_acc"], study="tuning",
+                 **{k: v for k, v in r.items() if k != "public_val_acc"}) for r in tune_rows]
+
+
+def evaluate_private(private: Runner, task: RegimeTask, methods: Sequence[str], epsilons: Sequence[float],
+                     chosen: dict, seeds: Sequence[int]) -> list[dict]:
+    """Each solver at each epsilon with its public-tuned configuration, on the private set,
+    for every seed; plus its non-private ceiling (the config tuned without noise), once."""
+    rows = []
+    for m in methods:
+        t0 = time.perf_counter()
+        jobs = [(e, s, chosen[(m, e)]) for e in epsilons for s in seeds]
+        accs = private.run(m, jobs, task.test)
+        rows += [dict(method=m, epsilon=e, seed=s, accuracy=a) for (e, s, _), a in zip(jobs, accs)]
+        ceiling = private.run(m, [(None, seeds[0], chosen[(m, None)])], task.test)[0]
+        rows.append(dict(method=m, epsilon=math.inf, seed=seeds[0], accuracy=ceiling))
+        print(f"{m}: {len(jobs) + 1} runs in {time.perf_counter() - t0:.1f}s")
+    return rows
+
+
+def logistic_choice(tune_rows: Sequence[dict]) -> dict[float, str]:
+    """Per private epsilon, the logistic solver (DP-SGD or DP-Adam) whose chosen configuration
+    scored best on the public validation draw: the "logistic regression" arm, chosen without
+    private or test data."""
+    best: dict[float, tuple[float, str]] = {}
+    for r in tune_rows:
+        if r["method"] in LOGISTIC and r["chosen"] and math.isfinite(r["epsilon"]):
+            if r["epsilon"] not in best or r["public_val_acc"] > best[r["epsilon"]][0]:
+                best[r["epsilon"]] = (r["public_val_acc"], r["method"])
+    return {e: m for e, (_, m) in best.items()}
+
+
+def with_logistic_arm(results: Sequence[dict], choice: dict[float, str]) -> list[dict]:
+    """`results` plus a copy of the chosen logistic solver's runs under method "logistic"."""
+    extra = [dict(r, method="logistic", solver=r["method"]) for r in results
+             if math.isfinite(r["epsilon"]) and choice.get(r["epsilon"]) == r["method"]]
+    return list(results) + extra
+
+
+# ------------------------------------------------------------------------------ claim rows
+
+# claim id -> (arms, band); the csv fixes the ordering and the setting (n*epsilon band)
+CLAIMS = {
+    "E-ls-beats-logistic-low-eps": (("least_squares", "logistic"), "ImageNet eps < 1"),
+    "E-ls-beats-logistic": (("least_squares", "logistic"), "ImageNet eps in [1, 10]"),
+    "E-newton-beats-ls-high-eps": (("newton", "least_squares"), "ImageNet eps in [1, 10]"),
+    "E-dpfc-best": (("dp_fc", "least_squares", "newton"), "ImageNet eps < 1"),
+    "E-dpfc-best-high-eps": (("dp_fc", "least_squares", "newton"), "ImageNet eps in [1, 10]"),
+}
+
+
+def claim_rows(results: Sequence[dict], n: int, *, setting: str) -> list[dict[str, Any]]:
+    """Recorder rows of the E ordering claims: one `test_accuracy` row per arm, seed and
+    epsilon inside the claim's n·eps band, with columns n and epsilon (the report averages a
+    seed's rows within the band, never across bands). A claim whose claimed arm, or every
+    compared arm, was not run gets no rows (it stays "not run")."""
+    out = []
+    ran = {r["method"] for r in results}
+    for claim, (arms, band) in CLAIMS.items():
+        if arms[0] not in ran or not ran & set(arms[1:]):
+            continue  # the claimed arm or every compared arm was not run: the claim stays "not run"
+        for r in results:
+            if r["method"] in arms and math.isfinite(r["epsilon"]) and neps.band_of(n, r["epsilon"]) == band:
+                out.append(dict(metric="test_accuracy", value=r["accuracy"], method=r["method"], epsilon=r["epsilon"],
+                                n=n, seed=r["seed"], claim_id=claim, unit="fraction", feature_set="synthetic-regime",
+                                setting=f"{setting}; {band} (n*eps band), per seed the mean over its epsilons"))
+    return out
+
+
+def result_rows(results: Sequence[dict], n: int, delta: float) -> list[dict[str, Any]]:
+    """Every run as a `test_accuracy` row (no claim id) with n, n_epsilon, the ImageNet-equivalent
+    epsilon (linear keying) and the band."""
+    out = []
+    for r in results:
+        e = r["epsilon"]
+        extra = dict(n_epsilon=n * e, imagenet_epsilon=neps.imagenet_epsilon(n, e), band=neps.band_of(n, e)) \
+            if math.isfinite(e) else dict(band="non-private ceiling")
+        out.append(dict(metric="test_accuracy", value=r["accuracy"], method=r["method"], epsilon=e, seed=r["seed"], n=n,
+                        delta=delta, feature_set="synthetic-regime", study="regime", **extra))
+    return out
+
+
+def regime_table(results: Sequence[dict], n: int, delta: float):
+    """Mean ± 95% t-half-width of test accuracy per (epsilon, solver), with n·eps, the linear
+    and the noise-matched ImageNet epsilon and the band; the non-private ceiling as the last line."""
+    import pandas as pd
+    from scipy import stats as st
+
+    df = pd.DataFrame(results)
+    g = df.groupby(["epsilon", "method"]).accuracy
+    k = g.count()
+    half = g.std().fillna(0) * st.t.ppf(0.975, (k - 1).clip(lower=1)) / np.sqrt(k)
+    cell = (g.mean().map("{:.4f}".format) + " ± " + half.map("{:.4f}".format)).unstack()
+    cell.insert(0, "band", [neps.band_of(n, e) if math.isfinite(e) else "ceiling" for e in cell.index])
+    cell.insert(0, "ImageNet eps (noise-matched)",
+                [f"{neps.noise_matched_imagenet_epsilon(n, e, delta):.3g}" if math.isfinite(e) else "" for e in cell.index])
+    cell.insert(0, "ImageNet eps (n·eps)", [f"{neps.imagenet_epsilon(n, e):.3g}" if math.isfinite(e) else "" for e in cell.index])
+    cell.insert(0, "n·eps", [f"{n * e:,.0f}" if math.isfinite(e) else "" for e in cell.index])
+    return cell
+
+
+# ------------------------------------------------------------------------ full-batch ablation
+
+
+def batch_ablation(task: RegimeTask, *, epsilon: float, small_batch: int, epochs: float, lr_full: float, lr_small: float,
+                   seeds: Sequence[int], delta: float, conversion: str = "pld", device: Any = "cpu") -> list[dict]:
+    """DP-SGD full batch against a small Poisson batch at the same epsilon, at a fixed number
+    of epochs (equal compute: the full batch takes `epochs` steps, the small batch
+    epochs·n/B) and at a fixed number of steps (both take `epochs` steps: the full batch then
+    gets n/B times the compute). The full-batch run is the same in both budgets."""
+    n = task.n
+    full_steps = max(1, int(round(epochs)))
+    small_steps = max(1, int(round(epochs * n / small_batch)))
+    arms = [("full_batch", None, full_steps, lr_full, ("fixed epochs", "fixed steps")),
+            ("small_batch", small_batch, small_steps, lr_small, ("fixed epochs",)),
+            ("small_batch", small_batch, full_steps, lr_small, ("fixed steps",))]
+    rows = []
+    for arm, b, steps, lr, budgets in arms:
+        for s in seeds:
+            frac = None if b is None else b / n
+            acc = accuracy(*dp_sgd_head(task.private, task.num_classes, epsilon=epsilon, delta=delta, batch_fraction=frac,
+                                        steps=steps, lr=lr, conversion=conversion, seed=s), task.test)
+            for budget in budgets:
+                rows.append(dict(arm=arm, budget=budget, batch_size=b or n, steps=steps, lr=lr, seed=s, accuracy=acc))
+    return rows
+
+
+def ablation_lrs(tune_rows: Sequence[dict], epsilon: float) -> tuple[float, float]:
+    """DP-SGD learning rates for the batch ablation at `epsilon`, from the public-draw tuning:
+    the best full-batch configuration's and the best sampled configuration's."""
+    cand = [r for r in tune_rows if r["method"] == "dp_sgd" and r["epsilon"] == epsilon]
+    full = [r for r in cand if r.get("batch_fraction") is None]
+    small = [r for r in cand if r.get("batch_fraction") is not None]
+    if not full or not small:
+        raise UserError(f"the DP-SGD tuning at eps {epsilon:g} needs full-batch and sampled configurations")
+    return (max(full, key=lambda r: r["public_val_acc"])["lr"], max(small, key=lambda r: r["public_val_acc"])["lr"])
+
+
+def batch_ablation_rows(rows: Sequence[dict], n: int, epsilon: float, claim_budget: str = "fixed epochs") -> list[dict]:
+    """Recorder rows of the ablation; only the `claim_budget` rows carry E-full-batch-helps
+    (the other budget is shown, not judged: rows of two budgets are never pooled)."""
+    out = []
+    for r in rows:
+        tag = dict(claim_id="E-full-batch-helps") if r["budget"] == claim_budget else {}
+        out.append(dict(metric="test_accuracy", value=r["accuracy"], method="dp_sgd", arm=r["arm"], epsilon=epsilon,
+                        n=n, seed=r["seed"], budget=r["budget"], unit="fraction", ablation="batch_size",
+                        setting=f"DP-SGD at eps {epsilon:g}, n={n:,}: full batch vs expected batch "
+                                f"{min(x['batch_size'] for x in rows):,}, {r['budget']}", **tag))
+    return out
+
+
+# ---------------------------------------------------------------------------------- figure
+
+
+def plot_regime(results: Sequence[dict], methods: Sequence[str], n: int, title: str):
+    """Test accuracy against epsilon (mean and 95% CI over seeds) per solver, each solver's
+    non-private ceiling as a dotted line in its colour, the band boundary at ImageNet eps 1,
+    and the ImageNet-equivalent epsilon on the top axis."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from scipy import stats as st
+
+    df = pd.DataFrame(results)
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    eps = sorted(e for e in df.epsilon.unique() if math.isfinite(e))
+    for i, m in enumerate(methods):
+        d = df[(df.method == m) & np.isfinite(df.epsilon)].groupby("epsilon").accuracy
+        if not len(d):
+            continue
+        mean, sem, k = d.mean(), d.sem().fillna(0), d.count()
+        half = sem * st.t.ppf(0.975, (k - 1).clip(lower=1))
+        ax.errorbar(mean.index, mean, yerr=half, fmt="o-", capsize=3, color=f"C{i}", label=m)
+        ceil = df[(df.method == m) & ~np.isfinite(df.epsilon)].accuracy
+        if len(ceil):
+            ax.axhline(float(ceil.mean()), color=f"C{i}", ls=":", lw=1)
+    ax.axvline(neps.epsilon_for_imagenet(1.0, n), color="gray", ls="--", lw=1)
+    ax.set_xscale("log")
+    ax.set_xticks(eps, [f"{e:g}" for e in eps])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.set_xlabel(f"our ε (n = {n:,})")
+    ax.set_ylabel("test accuracy")
+    neps.add_imagenet_axis(ax, n, eps)
+    ax.set_title(title, fontsize=9, pad=8)
+    ax.legend(fontsize=8, loc="lower right", title="dotted: non-private ceiling; dashed: ImageNet ε = 1",
+              title_fontsize=7)
+    return fig
