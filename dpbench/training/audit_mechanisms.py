@@ -442,22 +442,23 @@ def audit_linear(solver: str = "least_squares", variant: str = "correct", *, tri
             if solver == "least_squares" and variant == "sensitivity_c":
                 theta, sig, ridge = _faulty_least_squares(linear, xs, ys, L, epsilon=epsilon, delta=delta,
                                                           clip_norm=C, alpha=2.0, lam=3e-4, seed=s)
+                info = {"alpha": 2.0}
             elif solver == "least_squares":
                 res = linear.dp_least_squares(xs, ys, L, epsilon=epsilon, delta=delta, clip_norm=C, seed=s,
                                               dtype=torch.float64)
-                theta, sig, ridge = res.weights, res.noise_multipliers, res.info["ridge"]
+                theta, sig, ridge, info = res.weights, res.noise_multipliers, res.info["ridge"], res.info
             elif solver == "newton":
                 res = linear.dp_newton(xs, ys, L, epsilon=epsilon, delta=delta, clip_norm=C, steps=1, seed=s,
                                        dtype=torch.float64)
-                theta, sig, ridge = res.weights, res.noise_multipliers, res.info["ridge"]
+                theta, sig, ridge, info = res.weights, res.noise_multipliers, res.info["ridge"], res.info
             else:
                 res = linear.dp_fc(xs, ys, L, epsilon=epsilon, delta=delta, clip_norm=C, steps=1, seed=s,
                                    dtype=torch.float64, cg_tol=1e-12)
-                theta, sig, ridge = res.weights, res.noise_multipliers, res.info["ridge"]
+                theta, sig, ridge, info = res.weights, res.noise_multipliers, res.info["ridge"], res.info
         eye = torch.eye(d, dtype=torch.float64)
         if solver == "least_squares":
             (g_in, g_out), (a_in, a_out) = seen
-            b = ((a_out + 2.0 * g_out + ridge * eye) @ theta.unsqueeze(-1)).squeeze(-1)
+            b = ((a_out + info["alpha"] * g_out + ridge * eye) @ theta.unsqueeze(-1)).squeeze(-1)
             z_g = float(u @ (g_in - x.T @ x) @ u) / (sig["gram"] * C**2)
             a_clean = x[y == y_c].T @ x[y == y_c]
             z_a = float(u @ (a_in[y_c] - a_clean) @ u) / (sig["class_gram"] * C**2)
@@ -467,7 +468,7 @@ def audit_linear(solver: str = "least_squares", variant: str = "correct", *, tri
             ((h_in, h_out),) = seen
             h_std = sig["hessian"] * math.sqrt(L) * C**2 / 4
             g_std = sig["gradient"] * math.sqrt(L) * C
-            grad = -((h_out + ridge * eye) @ theta.unsqueeze(-1)).squeeze(-1)  # lr = 1, w0 = 0
+            grad = -((h_out + ridge * eye) @ theta.unsqueeze(-1)).squeeze(-1) / info["lr"]  # w0 = 0, bias 0
             yy = linear.one_hot(y, L, torch.float64)
             h_clean = 0.25 * x.T @ x
             g_clean = (0.5 - yy).T @ x
@@ -476,7 +477,7 @@ def audit_linear(solver: str = "least_squares", variant: str = "correct", *, tri
             raw["vector"][i] = float(sign @ ((grad - g_clean) @ u)) / g_std
         else:
             ((f_in, f_out),) = seen
-            lr, bias = 0.2, -10.0
+            lr, bias = info["lr"], info["bias"]
             grad = ((f_out + ridge * eye) @ (-theta.T / lr)).T  # w1 = -lr (F + ridge)^-1 g
             yy = linear.one_hot(y, L, torch.float64)
             resid = torch.sigmoid(torch.full((n_clean, L), bias, dtype=torch.float64)) - yy
