@@ -226,6 +226,8 @@ def test_tuning_is_equal_and_verdict_runs_use_the_test_set_once(split_arms):
     tagged = rec.of("test_acc_difference", claim_id=pp.CLAIM_PUBLIC)
     assert len(tagged) == 2 and all(r["epsilon"] == 8.0 for r in tagged)
     assert len([r for r in rec.of("test_acc_difference") if "claim_id" not in r]) == 4
+    head = rec.of("final_test_acc_percent", claim_id="A-imagenet11k-eps8")
+    assert len(head) == 1 and head[0]["comparison"] == "analogue" and head[0]["epsilon"] == 8.0
     cv = pp.curvature_claim(arms, [0, 1], 8.0, 0.01, rec, n_examples=32, n_probes=2)
     assert {(r["seed"], r["when"]) for r in cv} == {(s, w) for s in (0, 1) for w in ("early", "late")}
     assert len(rec.of("trace_hessian", claim_id=pp.CLAIM_CURVATURE)) == 4

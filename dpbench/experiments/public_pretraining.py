@@ -624,12 +624,18 @@ def record_comparisons(rec: Any, final: Sequence[dict[str, Any]], comparisons: d
                        epsilon: float, fraction: float, setting: str, *, tag: bool = True) -> list[dict[str, Any]]:
     """Per pre-registered comparison and seed, the test-accuracy difference X - Y at
     (`epsilon`, `fraction`) as a `test_acc_difference` row, tagged with its claim when `tag`
-    (the claims' own setting), untagged otherwise (shown beside). Returns per claim: the mean,
-    95% half-width and seeds."""
+    (the claims' own setting), untagged otherwise (shown beside). When tagged, the sequential
+    arm's mean test accuracy is also recorded as the small-scale analogue of the paper's headline
+    (A-imagenet11k-eps8: shown, never judged). Returns per claim: the mean, 95% half-width and seeds."""
     by = {(r["schedule"], r["seed"]): r["test_acc"] for r in final
           if r["epsilon"] == epsilon and r["public_fraction"] == fraction}
     seeds = sorted({s for _, s in by})
     out = []
+    seq = [by[("sequential", s)] for s in seeds if ("sequential", s) in by]
+    if tag and seq:
+        rec.add("final_test_acc_percent", 100 * float(np.mean(seq)), method="sequential", epsilon=epsilon,
+                study="verdict", sd=100 * float(np.std(seq, ddof=1)) if len(seq) > 1 else 0.0, n_seeds=len(seq),
+                comparison="analogue", claim_id="A-imagenet11k-eps8", setting=setting, public_fraction=fraction)
     for claim, (x, y) in comparisons.items():
         d = {s: by[(x, s)] - by[(y, s)] for s in seeds if (x, s) in by and (y, s) in by}
         for s, v in d.items():
