@@ -225,7 +225,7 @@ def _dpsgd_scores(y: np.ndarray, q: float, sigma: float, batches: int) -> dict[s
 
 def audit_dpsgd_run(variant: str = "correct", *, canaries: int = 20_000, sample_rate: float = 0.1, steps: int = 10,
                     noise_multiplier: float = 1.0, max_grad_norm: float = 1.0, lr: float = 1.0,
-                    delta: float = 1e-5, accountant: str = "pld", method: str = "auto", seed: int = 0) -> CanaryAudit:
+                    delta: float = 1e-5, accountant: str = "pld", method: str = "ghost", seed: int = 0) -> CanaryAudit:
     """A T-step DP-SGD run of `dpbench.training.loop.fit` (real sampler, engine, optimizer, ledger)
     with `canaries` Dirac canaries, each in the data with probability 1/2; every iterate is read.
 
@@ -562,7 +562,8 @@ def audit_pipeline_noise(variant: str = "correct", *, canaries: int = 20_000, st
     model = _DiracStages(m, K)
     placement = {name: _stage_of(name) for name, _ in model.named_parameters()}
     ck = C / math.sqrt(K)
-    engine = ClippingEngine(model, max_grad_norm=C, style="device", placement=placement,
+    # ghost norms: exact for embeddings and never instantiate a (batch x canaries) gradient
+    engine = ClippingEngine(model, max_grad_norm=C, method="ghost", style="device", placement=placement,
                             thresholds={f"stage{k}": ck for k in range(K)})
 
     class _PerStageNoise(DPOptimizer):
@@ -650,7 +651,7 @@ def _dp_worker(rank: int, world: int, port: int, out_path: str, variants: Sequen
                    "overnoise_every_rank": _FullOnEveryRank}.get(v, DistributedDPOptimizer)
             model = torch.nn.Embedding(canaries, 1).double()
             torch.nn.init.zeros_(model.weight)
-            engine = ClippingEngine(model, max_grad_norm=max_grad_norm)
+            engine = ClippingEngine(model, max_grad_norm=max_grad_norm, method="ghost")  # no (B x m) per-sample grads
             try:
                 inner = torch.optim.SGD(engine.trainable_parameters(), lr=lr)
                 opt = cls(inner, engine, noise_multiplier, float(len(idx)), distributed=group, seed=seed + 13)
