@@ -37,9 +37,18 @@ Methods
   are formed from A and G as above.
 - mixed: like ghost, but per layer ghost only when 2 T^2 < p D (decided on the first batch).
 - bk: the mixed norm rule, clipped sums from A and G, no second backward.
-- auto: bk, because it needs one backward pass (the cost of non-private training) plus
-  per-layer norm work that the mixed rule keeps at min(B T^2 (D+p), B T p D); its price is
-  keeping each layer's A and G until the layer's group is complete.
+- auto: like bk (one backward pass), but on the first logical batch it *measures*, per
+  layer, the time and the stashed memory of each rule (ghost norm + clipped sum from A and G;
+  instantiated per-sample gradients, which are then all it stashes) and keeps the fastest.
+  With `memory_budget` (bytes of stashed A, G or per-sample gradients, over all layers) it
+  switches layers to rules that stash less, losing the least time per byte saved; in the flat
+  style a layer may finally stash nothing and get its clipped sum from a second backward
+  restricted to such layers. `layer_table()` shows the choice and the measurements.
+
+Mixed precision: squared norms and clip factors are float32 (at least); A and G are cast to
+one dtype, float32 when it is a 16-bit float, so norms neither overflow above 256 nor
+underflow below 6e-8 in float16. Forward passes under torch.autocast are supported; the
+self-checks replay them under the same autocast and allow bfloat16-sized errors.
 
 Parameters used more than once in a forward pass (a module called twice) are exact: the
 rules sum per-sample gradients over uses before the norm (ghost norms include the cross
@@ -50,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -61,10 +71,19 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import UserError
 from .clipfns import check_clip_fn, clip_factors
 from .grouping import STYLES, make_groups, resolve_thresholds, _check_positive
-from .rules import DirectParamsRule, find_rule, ghost_is_cheaper
+from .rules import HALF, DirectParamsRule, find_rule, ghost_is_cheaper
 
 METHODS = ("auto", "instantiate", "ghost", "mixed", "bk")
 ROOT = "<root>"
+#: auto's candidates: ghost norms and instantiation (both stash for the clipped sum), and in
+#: the flat style "recompute" (no stash; clipped sum by a second backward over such layers)
+RECOMPUTE = "recompute"
+_clock = time.perf_counter  # auto's timer (tests replace it)
+
+
+def _subnormal_atol(p: torch.Tensor) -> float:
+    """The error a float16 gradient of p may carry in norm from entries below float16's normal range."""
+    return 6.1e-5 * math.sqrt(p.numel()) * 2 ** -10 if p.dtype == torch.float16 else 0.0
 
 
 class _Use:
@@ -222,6 +241,8 @@ class _Layer:
         self.max_uses = 0
         self.pending = None
         self.pre = None  # (input had no history, input, its version) from the forward pre-hook
+        self.pass2 = False  # clipped sum by the second backward (auto under a memory budget)
+        self.measured: dict | None = None  # auto: {rule: (seconds, stashed bytes)} on the first batch
 
     def complete(self) -> bool:
         if self.kind == "direct":
@@ -256,18 +277,28 @@ class ClippingEngine:
             on the bare model (one extra forward, two small backwards per sample), to catch
             per-sample misattribution. check=False skips both: a rule that does not match a
             module's forward then gives silently wrong per-sample gradients.
+        memory_budget: method="auto" only: bytes that the stashed A, G or per-sample
+            gradients of all layers may take; auto then picks rules that stash less (in the
+            flat style, down to none: a second backward). None: no bound.
     """
 
     def __init__(self, model: nn.Module, max_grad_norm: float = 1.0, method: str = "auto", style: str = "flat",
                  clip_fn: str = "abadi", gamma: float = 0.01, thresholds=None,
                  groups: Mapping[str, Sequence[str]] | None = None, placement: Mapping[str, Any] | None = None,
-                 audit: bool = False, unclipped_layer: str | None = None, check: bool = True):
+                 audit: bool = False, unclipped_layer: str | None = None, check: bool = True,
+                 memory_budget: float | None = None):
         if method not in METHODS:
             raise UserError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
         if style not in STYLES:
             raise UserError(f"unknown style {style!r}; use one of {', '.join(STYLES)}")
         check_clip_fn(clip_fn, gamma)
         _check_positive("max_grad_norm", max_grad_norm)
+        if memory_budget is not None:
+            if method != "auto":
+                raise UserError(f"memory_budget applies to method='auto' only (got method={method!r}); drop it or use auto")
+            _check_positive("memory_budget", memory_budget)
+        self.memory_budget = memory_budget
+        self._low_precision = False
         if unclipped_layer is not None and not audit:
             raise UserError("unclipped_layer is a fault for privacy auditing; it needs audit=True")
         self.model = model
@@ -471,8 +502,9 @@ class ClippingEngine:
             cp = lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t  # noqa: E731
             flat, spec = tree_flatten((args, kwargs))
             cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+            amp = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
             self._replay.append({"inputs": tree_unflatten([cp(t) for t in flat], spec),
-                                 "rng": (torch.get_rng_state(), cuda), "out": None})
+                                 "rng": (torch.get_rng_state(), cuda), "out": None, "amp": amp})
 
     def _root_post(self, mod, args, out):
         if not torch.is_grad_enabled() or self._muted:
@@ -597,15 +629,19 @@ class ClippingEngine:
                         anchors.append(t)
         checking = self.check and not self._checked
         self._B = B
-        self._sq = {g: torch.zeros(B, dtype=losses.dtype, device=self._group_device(g)) for g in self._groups}
+        # Squared norms and clip factors in float32 at least (float16 overflows above a norm of 256).
+        sq_dtype = torch.promote_types(losses.dtype, torch.float32)
+        self._sq = {g: torch.zeros(B, dtype=sq_dtype, device=self._group_device(g)) for g in self._groups}
         self._remaining = {g: len(ls) for g, ls in self._group_layers.items()}
         self._coef: dict[str, torch.Tensor] = {}
         self._check_sums = {} if checking else None
         self._check_sq = {} if checking else None
         total = losses.sum()
         self._phase = 1
+        recompute = any(l.pass2 for l in self._layers)
         if anchors:
-            torch.autograd.grad(total, anchors, retain_graph=self._two_pass or checking, allow_unused=True)
+            torch.autograd.grad(total, anchors, retain_graph=self._two_pass or recompute or checking,
+                                allow_unused=True)
         self._phase = 0
         for l in self._layers:  # layers whose output gradient never came (unused, or stale forwards)
             if not l.processed:
@@ -617,13 +653,17 @@ class ClippingEngine:
             self._self_check(total, retain=True)
             self._per_sample_check(losses)
             self._checked = True
-        if self._two_pass:
+        if self.method == "auto" and any(l.measured is not None and l.pass2 is None for l in self._layers):
+            self._plan_auto()
+        if self._two_pass or recompute:
             c = self._coef["all"].to(device=losses.device, dtype=losses.dtype)
-            params = [p for l in self._layers if l.kind == "rule" and l.name != self.unclipped_layer and l.uses
-                      for p in l.params.values()]
+            params = [p for l in self._layers if self._in_pass2(l) and l.uses for p in l.params.values()]
             if params:
                 torch.autograd.backward((losses * c.detach()).sum(), inputs=params)
         return {g: self._sq[g].sqrt() for g in self._groups}
+
+    def _in_pass2(self, l):
+        return l.kind == "rule" and l.name != self.unclipped_layer and (self._two_pass or bool(l.pass2))
 
     def _group_device(self, g):
         return self._params[self._groups[g][0]].device
@@ -631,12 +671,68 @@ class ClippingEngine:
     def _decide(self, l, acts, grads):
         dims = l.rule.dims(l.module, acts, grads) if l.rule.ghost_capable else None
         l.dims = dims
+        if self.method == "auto" and l.kind == "rule" and l.clipped:
+            l.measured = self._measure(l, acts, grads)
+            l.pass2 = None  # decided with the whole model's measurements, after pass 1
+            return min(("ghost", "instantiate"), key=lambda m: l.measured[m][0] if m in l.measured else math.inf)
         if dims is None or self.resolved_method == "instantiate":
             return "instantiate"
         if self.resolved_method == "ghost":
             return "ghost"
         T, D, p = dims
         return "ghost" if ghost_is_cheaper(T, D, p) else "instantiate"
+
+    def _measure(self, l, acts, grads) -> dict:
+        """{rule: (seconds, stashed bytes)}: norms and clipped sum of this layer, timed on this batch.
+
+        ghost stashes A and G; instantiate stashes only the per-sample gradients; recompute
+        (flat style) stashes nothing and costs about a clipped sum more (the second backward).
+        """
+        ones = {n: torch.ones(self._B, dtype=torch.float32, device=l.params[n].device) for n in l.names}
+        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))  # noqa
+        out = {}
+        for m in (("ghost", "instantiate") if l.rule.ghost_capable else ("instantiate",)):
+            best = math.inf
+            for _ in range(2):  # the first run pays for allocations
+                t0 = _clock()
+                sq, ps = l.rule.sq_norms(l.module, acts, grads, l.clipped, ghost=m == "ghost")
+                t1 = _clock()
+                l.rule.weighted_sum(l.module, acts, grads, ones, l.names,
+                                    per_sample=ps if ps and all(n in ps for n in l.names) else None)
+                t2 = _clock()
+                best = min(best, t2 - t0)
+            keep = list(ps.values()) if ps and all(n in ps for n in l.names) else [*acts, *grads]
+            out[m] = (best, nbytes(keep), t1 - t0, t2 - t1)
+        if self.style == "flat" and l.name != self.unclipped_layer:
+            norm = min(v[2] for v in out.values())
+            out[RECOMPUTE] = (norm + min(v[3] for v in out.values()), 0, norm, 0.0)
+        return {m: v[:2] for m, v in out.items()}
+
+    def _plan_auto(self):
+        """Fix auto's rule per layer: the fastest measured, then within memory_budget if set."""
+        todo = [l for l in self._layers if l.measured is not None and l.pass2 is None]
+        choice = {id(l): min(("ghost", "instantiate"), key=lambda m: l.measured.get(m, (math.inf,))[0]) for l in todo}
+        total = lambda: sum(l.measured[choice[id(l)]][1] for l in todo)  # noqa: E731
+        if self.memory_budget is not None:
+            while total() > self.memory_budget:
+                best = None
+                for l in todo:
+                    t0, b0 = l.measured[choice[id(l)]]
+                    for m, (t, b) in l.measured.items():
+                        if b < b0:
+                            score = (b0 - b) / max(t - t0, 1e-9)  # bytes saved per second lost
+                            if best is None or score > best[0]:
+                                best = (score, l, m)
+                if best is None:
+                    break  # nothing stashes less: the budget cannot be met (layer_table says so)
+                choice[id(best[1])] = best[2]
+        self._over_budget = self.memory_budget is not None and total() > self.memory_budget
+        for l in todo:
+            m = choice[id(l)]
+            l.pass2 = m == RECOMPUTE
+            if l.pass2:  # norms by the faster rule; the clipped sum by the second backward
+                m = min(("ghost", "instantiate"), key=lambda k: l.measured.get(k, (math.inf,))[0])
+            l.method = m
 
     def _process(self, l: _Layer):
         l.processed = True
@@ -647,6 +743,8 @@ class ClippingEngine:
             uses = [u for u in l.uses if u.grad is not None]
         if uses:
             acts, grads = [u.act for u in uses], [u.grad for u in uses]
+            if any(isinstance(t, torch.Tensor) and t.dtype in HALF for t in (*acts, *grads)):
+                self._low_precision = True
             for g in grads:
                 b = next(iter(g.values())).shape[0] if isinstance(g, dict) else g.shape[0]
                 if b != self._B:
@@ -666,8 +764,12 @@ class ClippingEngine:
                 ones = {n: torch.ones(self._B, dtype=self._sq_dtype(), device=l.params[n].device) for n in l.names}
                 for n, s in l.rule.weighted_sum(l.module, acts, grads, ones, l.names).items():
                     self._check_sums[l.full[n]] = s
-            pass2 = self._two_pass and l.kind == "rule" and l.name != self.unclipped_layer
-            l.stash = None if pass2 else (acts, grads, ps)
+            if self._in_pass2(l):
+                l.stash = None
+            elif ps and all(n in ps for n in l.names):
+                l.stash = (None, None, ps)  # the clipped sum needs only the per-sample gradients
+            else:
+                l.stash = (acts, grads, ps)
         for g in l.groups:
             self._remaining[g] -= 1
             if self._remaining[g] == 0:
@@ -699,13 +801,16 @@ class ClippingEngine:
                 coef[n] = torch.ones(self._B, dtype=self._sq_dtype(), device=l.params[n].device)
         use_ps = ps if ps and all(n in ps for n in l.names) else None
         sums = l.rule.weighted_sum(l.module, acts, grads, coef, l.names, per_sample=use_ps)
-        for n, s in sums.items():
-            p = l.params[n]
-            s = s.reshape(p.shape).to(p.dtype)
-            if p.grad is None:
-                p.grad = s
-            else:
-                p.grad.add_(s)
+        with torch.no_grad():
+            for n, s in sums.items():
+                p = l.params[n]
+                s = s.reshape(p.shape).to(p.dtype)
+                if p.grad is None:
+                    # Never a view: a later in-place change of .grad (zero_, a plain backward
+                    # adding into it) would fail on a view created in no-grad mode.
+                    p.grad = s.clone() if s._is_view() else s
+                else:
+                    p.grad.add_(s)
 
     def _self_check(self, total, retain):
         names = [n for l in self._layers if l.kind == "rule" and l.uses for n in l.full.values()]
@@ -718,8 +823,9 @@ class ClippingEngine:
             r = torch.zeros_like(p) if r is None else r
             ours = torch.zeros_like(p) if ours is None else ours.reshape(p.shape).to(p.dtype)
             tol = 1e-9 if p.dtype == torch.float64 else (1e-3 if p.dtype == torch.float32 else 3e-2)
+            tol = max(tol, 3e-2) if self._low_precision else tol
             err = (ours - r).norm() / (r.norm() + 1e-12)
-            if err > tol and (ours - r).norm() > 1e-7:
+            if err > tol and (ours - r).norm() > 1e-7 + _subnormal_atol(p):
                 raise UserError(
                     f"per-sample gradients of {n!r} do not add up to its gradient (relative error {float(err):.2e}): "
                     "the parameter is used where its module's hooks do not see it (e.g. weights tied through a "
@@ -738,7 +844,9 @@ class ClippingEngine:
         devices = list(range(len(cuda))) if cuda is not None else []
         self._muted = True
         try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), contextlib.ExitStack() as amp:
+                for dev, dt in rec.get("amp", ()):  # the same autocast as the recorded forward
+                    amp.enter_context(torch.autocast(dev, dtype=dt))
                 torch.set_rng_state(cpu)
                 if cuda is not None:
                     torch.cuda.set_rng_state_all(cuda)
@@ -783,6 +891,7 @@ class ClippingEngine:
             return  # not reproducible (e.g. a random op outside torch's RNG): no reference
         dtype = next(iter(sq.values())).dtype
         tol = 1e-6 if dtype == torch.float64 else (1e-3 if dtype == torch.float32 else 3e-2)
+        tol = max(tol, 3e-2) if self._low_precision else tol
         for i in idx:
             go = torch.autograd.grad(losses[i], outs, retain_graph=True, allow_unused=True)
             go = [g if g is None or rows is None else g[rows] for g in go]
@@ -797,7 +906,8 @@ class ClippingEngine:
             for n in names:
                 ours = float(sq[n][i].double().clamp_min(0).sqrt())
                 theirs = float(ref_sq[n].sqrt())
-                if abs(ours - theirs) > tol * scale + 1e-9:
+                # a float16 reference loses per-sample entries below its subnormal spacing
+                if abs(ours - theirs) > tol * scale + 1e-9 + _subnormal_atol(self._params[n]):
                     l = next(l for l in self._layers if n in l.full.values())
                     raise UserError(
                         f"per-sample gradient of {n!r} (module {l.name!r}, {type(l.module).__name__}) has norm "
@@ -846,10 +956,11 @@ class ClippingEngine:
         return list(self._params.values())
 
     def layer_table(self) -> list[dict]:
-        """One row per trainable layer: layer, type, T, D, p, method and a note.
+        """One row per trainable layer: layer, type, T, D, p, method, measured and a note.
 
         T, D, p (the layer's matmul form, per conv group) and the method are known after the
-        first backward; before it they are None.
+        first backward; before it they are None. `measured` (auto only): each candidate rule's
+        time for norms plus clipped sum, and the bytes it stashes, on the first batch.
         """
         rows = []
         for l in self._layers:
@@ -863,10 +974,15 @@ class ClippingEngine:
                 notes.append(f"used {l.max_uses}x per forward: exact")
             if l.name == self.unclipped_layer:
                 notes.append("AUDIT FAULT: unclipped")
-            if self._two_pass and l.kind == "rule" and l.name != self.unclipped_layer:
+            if self._in_pass2(l):
                 notes.append("clipped sum by second backward")
+            measured = None
+            if l.measured is not None:
+                measured = "; ".join(f"{m} {t * 1e3:.3g} ms {b / 2 ** 20:.3g} MiB" for m, (t, b) in l.measured.items())
+                if getattr(self, "_over_budget", False):
+                    notes.append("memory_budget cannot be met")
             rows.append({"layer": l.name, "type": type(l.module).__name__, "params": ",".join(l.names),
-                         "T": T, "D": D, "p": p, "method": l.method, "note": "; ".join(notes)})
+                         "T": T, "D": D, "p": p, "method": l.method, "measured": measured, "note": "; ".join(notes)})
         return rows
 
     @contextlib.contextmanager
