@@ -336,7 +336,14 @@ class _ConvRule(MatmulRule):
             return x, list(module.padding)
         return self._padded(module, x), [0] * self.nd
 
+    #: at most this many output positions, the clipped sum is one GEMM on the unfolded input:
+    #: the CPU weight-gradient convolution is up to 3x slower there (512 channels at 1x1)
+    GEMM_MAX_T = 4
+
     def weight_sum(self, module, acts, grads, c):
+        T = sum(int(torch.Size(g.shape[2:]).numel()) for g in grads)
+        if T <= self.GEMM_MAX_T:
+            return super().weight_sum(module, acts, grads, c)
         # The framework's own weight-gradient convolution, fed with c_i-scaled output grads.
         out = None
         zeros = [0] * self.nd
