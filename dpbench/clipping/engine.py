@@ -691,7 +691,15 @@ class ClippingEngine:
         ones = {n: torch.ones(self._B, dtype=torch.float32, device=l.params[n].device) for n in l.names}
         nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))  # noqa
         out = {}
-        for m in (("ghost", "instantiate") if l.rule.ghost_capable else ("instantiate",)):
+        cands = ["ghost", "instantiate"] if l.rule.ghost_capable else ["instantiate"]
+        if l.rule.ghost_capable:
+            # Instantiation is not even tried where its per-sample gradients would take more
+            # than the budget or 4x ghost's stash (a ResNet's 512-channel convs: 600 MB at
+            # B = 64): measuring it would set the run's peak memory.
+            ps_bytes = self._B * sum(p.numel() * max(p.element_size(), 4) for p in l.params.values())
+            if ps_bytes > min(4 * nbytes([*acts, *grads]), self.memory_budget or math.inf):
+                cands.remove("instantiate")
+        for m in cands:
             best = math.inf
             for _ in range(2):  # the first run pays for allocations
                 t0 = _clock()
