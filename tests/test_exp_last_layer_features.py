@@ -146,36 +146,6 @@ def _claim_sweep():
     return _runs(acc)
 
 
-def test_claim_arm_rows_average_per_seed_over_admitted_epsilons(tmp_path):
-    df = _claim_sweep()
-    rows = llf.claim_arm_rows(df, "E-x", ["least_squares", "dp_sgd"], lambda e: 1 <= e <= 10, "what",
-                              delta=1e-5, conversion="pld")
-    got = {(r["method"], r["seed"]): r["value"] for r in rows}
-    assert got == pytest.approx({("least_squares", 0): 0.6, ("least_squares", 1): 0.61,
-                                 ("dp_sgd", 0): 0.5, ("dp_sgd", 1): 0.5})
-    assert {r["eps_grid"] for r in rows} == {"1/8"} and all(r["claim_id"] == "E-x" for r in rows)
-    assert "what: n=1000" in rows[0]["setting"] and "2 seeds" in rows[0]["setting"]
-    _recordable(rows, tmp_path)
-    # the non-private run never enters; a missing arm or no admitted epsilon records nothing
-    assert not llf.claim_arm_rows(df, "E-x", ["least_squares", "dp_adam"], lambda e: True, "w", delta=1e-5,
-                                  conversion="pld")
-    assert not llf.claim_arm_rows(df, "E-x", ["least_squares", "dp_sgd"], lambda e: e > 100, "w", delta=1e-5,
-                                  conversion="pld")
-
-
-def test_ordering_claim_rows_cover_the_three_claims():
-    df = _claim_sweep()
-    rows = llf.ordering_claim_rows(df, llf.SolverConfig(), dim=32, num_classes=10, delta=1e-5, conversion="pld")
-    by_claim = {}
-    for r in rows:
-        by_claim.setdefault(r["claim_id"], set()).add(r["eps_grid"])
-    assert by_claim == {"E-ls-beats-logistic": {"1/8"}, "E-ls-beats-logistic-low-eps": {"0.1"},
-                        "E-dpfc-best": {"0.1/1/8"}}
-    no_newton = llf.ordering_claim_rows(df[df.method != "newton"], llf.SolverConfig(), dim=32, num_classes=10,
-                                        delta=1e-5, conversion="pld")
-    assert "E-dpfc-best" not in {r["claim_id"] for r in no_newton}
-
-
 # ------------------------------------------------------------------- sweeps and tables
 
 
@@ -204,16 +174,6 @@ def test_summary_and_accuracy_table():
     assert llf.non_private(df)["newton"] == pytest.approx(0.9)
 
 
-def test_ls_vs_logistic_lines_and_rows():
-    df = _claim_sweep()
-    lines, rows = llf.ls_vs_logistic(df, ["least_squares", "dp_sgd", "newton", "dp_fc"])
-    assert len(lines) == len(rows) == 3
-    assert "does not beat" in lines[0] and "DP-SGD" in lines[0] and "; DP-FC" in lines[0]
-    assert " beats " in lines[1]
-    assert rows[1]["value"] == pytest.approx(0.505 - 0.4) and rows[1]["n_epsilon"] == 1000.0
-    assert llf.ls_vs_logistic(df, ["least_squares", "dp_fc"]) == ([], [])
-
-
 def test_init_ablation_reuses_the_sweeps_zero_init_runs(monkeypatch, tmp_path):
     grid = _FakeGrid()
     monkeypatch.setattr(L, "run_grid", grid)
@@ -230,31 +190,6 @@ def test_init_ablation_reuses_the_sweeps_zero_init_runs(monkeypatch, tmp_path):
     llf.init_ablation(_task(), sweep_df, llf.SolverConfig(), epsilons=[1.0, 0.1], **kw)
     zero = [c for c in grid.calls if c["settings"]["dp_sgd"]["init"] == "zero"]
     assert len(zero) == 1 and zero[0]["epsilons"] == [0.1]
-
-
-def test_batch_size_ablation_arms_and_reuse(monkeypatch, tmp_path):
-    grid = _FakeGrid()
-    monkeypatch.setattr(L, "run_grid", grid)
-    sweep_df = _runs({("dp_sgd", 1.0, 0): 0.7, ("dp_sgd", 1.0, 1): 0.8})
-    sweep_df["n"] = 4000
-    cfg = llf.SolverConfig(sgd_batch_size=0, sgd_steps=10)
-    kw = dict(epsilon=1.0, seeds=[0, 1], delta=1e-5, conversion="pld")
-    df, rows = llf.batch_size_ablation(_task(4000), sweep_df, cfg, batch_sizes=[250, 1000, 0, 9999], steps=10, **kw)
-    assert sorted(df.batch_size.unique()) == [250, 1000, 4000]  # 0 and oversize mean the full batch
-    assert [c["settings"]["dp_sgd"]["batch_size"] for c in grid.calls] == [250, 1000]  # full batch reused
-    arms = {(r["batch_size"], r.get("arm", "")) for r in rows}
-    assert arms == {(250, "small_batch"), (1000, ""), (4000, "full_batch")}
-    assert all(r.get("claim_id", "") == ("E-full-batch-helps" if r.get("arm") else "") for r in rows)
-    _recordable(rows, tmp_path)
-    # another step count is not the sweep's run: the full batch is run too (unsampled: batch_size None)
-    grid.calls.clear()
-    llf.batch_size_ablation(_task(4000), sweep_df, cfg, batch_sizes=[0], steps=20, **kw)
-    assert [c["settings"]["dp_sgd"]["batch_size"] for c in grid.calls] == [None]
-    # only the full batch: no smaller arm, so nothing is tagged
-    _, rows = llf.batch_size_ablation(_task(4000), sweep_df, cfg, batch_sizes=[0], steps=10, **kw)
-    assert rows and not any(r.get("claim_id") for r in rows)
-    summary = llf.batch_size_summary(df)
-    assert summary.loc[250, "sigma / B"] == pytest.approx(2.0 / 250) and summary.loc[250, "steps"] == 10
 
 
 def test_synthetic_task_is_normalised_on_public_features_only():

@@ -210,28 +210,6 @@ def _grid():
     return pd.DataFrame(rows)
 
 
-def test_tables_best_rows_and_claim_rows():
-    grid, order = _grid(), ["head", "mid", "all"]
-    mean, sd, best = ls.grid_tables(grid, order)
-    assert list(mean.index) == order and best[1.0] == "all" and best[2.0] == "all"
-    assert mean.loc["head", 1.0] == pytest.approx(0.505)
-    add = Rows()
-    table, changed = ls.best_rows(mean, sd, best, add)
-    assert not changed and table.margin_over_second.tolist() == pytest.approx([0.1, 0.2])
-    claims = {r["epsilon"]: r["claim_id"] for r in add.of("best_subset_test_acc")}
-    assert claims == {1.0: "", 2.0: "D-cifar100-eps2"}
-    assert add.of("best_subset_changes_with_eps")[0]["value"] == 0.0
-    diffs = ls.difference_rows(grid, order, [0, 1], add, dataset="digits", backbone_source="here")
-    # picked by validation: at eps 1 "head" (val 0.9) minus "all" (val 0.2) is NEGATIVE on test
-    d1 = [d for d in diffs if d["epsilon"] == 1.0]
-    assert [d["method"] for d in d1] == ["head - all"] * 2 and d1[0]["value"] == pytest.approx(-0.2)
-    d2 = [d for d in diffs if d["epsilon"] == 2.0]
-    assert [d["method"] for d in d2] == ["all - head"] * 2 and d2[0]["value"] == pytest.approx(0.4)
-    rows = add.of("test_acc_difference")
-    assert len(rows) == 4 and {r["claim_id"] for r in rows} == {"D-layer-choice-matters"}
-    assert all(r["comparison"] == "difference" for r in rows)
-
-
 def test_baseline_rows_naive_picks_by_clean_validation(setup):
     grid = _grid()
     add = Rows()

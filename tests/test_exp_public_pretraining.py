@@ -60,88 +60,9 @@ def test_noise_scale_rows(arms):
     assert len(rec.of("noise_scale")) == 2 and len(rec.of("n_times_epsilon")) == 2
 
 
-def test_run_schedules_writes_the_public_checkpoint_once(arms, tmp_path):
-    rec = Rec()
-    arms.runs.clear()
-    saver = pp.run_schedules(arms, [0, 1], rec, tmp_path / "ckpt.safetensors")
-    assert set(arms.runs) == {(n, s) for n in pp.SCHEDULES for s in (0, 1)}
-    assert arms.runs[("only_public", 0)].epsilon == 0 and arms.runs[("only_public", 0)].private_steps == 0
-    assert arms.runs[("sequential", 0)].private_steps == 4
-    assert arms.runs[("only_private", 0)].epsilon == pytest.approx(2.0, rel=0.01)
-    # the saved model is the public phase's, on the CPU; the run itself trained on after it
-    assert saver.model is not None and next(saver.model.parameters()).device.type == "cpu"
-    final = arms.runs[("sequential", 0)].model.state_dict()
-    assert any(not torch.equal(v, final[k].cpu()) for k, v in saver.model.state_dict().items())
-    info, refusal = pp.check_checkpoint(saver.path, arms.data.private, arms.train)
-    assert torch.equal(info.public_indices.sort().values, arms.data.public_indices.sort().values)
-    assert "were public" in refusal and info.metadata["dpbench_public_extra"].count('"seed": 0') == 1
-    with pytest.raises(AssertionError, match="overlap not detected"):
-        pp.check_checkpoint(saver.path, arms.data.private, arms.data.private)
-    # a run for every (schedule, seed) was recorded; the same seed gives the same arm
-    assert {r["method"] for r in rec.of("test_acc", study="schedules")} == set(pp.SCHEDULES)
-    again = arms.run("sequential", 0)
-    assert again.final["test_acc"] == arms.runs[("sequential", 0)].final["test_acc"]
-    ledger = pp.record_ledger(arms, 0, rec, tmp_path / "ledger.json")
-    assert ledger.steps == 4 and (tmp_path / "ledger.json").exists()
-    assert rec.of("epsilon_spent")[0]["public_steps"] == 2
-
-
 def _stub(acc, loss=1.0, eps=2.0, sigma=1.5, steps=4):
     return SimpleNamespace(final={"test_acc": acc, "test_loss": loss}, epsilon=eps, noise_multiplier=sigma,
                            private_steps=steps, record=lambda *a, **k: None)
-
-
-def test_schedule_table_and_claim_rows(arms):
-    acc = {"only_private": (0.5, 0.6), "only_public": (0.3, 0.3), "sequential": (0.8, 0.7),
-           "sample_ratio": (0.75, 0.72), "cosine": (0.9, 0.9)}
-    arms.runs.clear()
-    for n, vals in acc.items():
-        for s, a in zip((0, 1), vals):
-            arms.runs[(n, s)] = _stub(a, eps=0.0 if n == "only_public" else 2.0)
-    table = pp.schedule_table(arms, [0, 1])
-    assert list(table.index) == list(pp.SCHEDULES)
-    assert table.loc["sequential", "acc_mean"] == pytest.approx(0.75)
-    rec = Rec()
-    setting = pp.record_schedule_claims(arms, table, [0, 1], rec)
-    assert "digits, mlp, 10% public, eps=2, 6 steps (switch at 2), 2 seeds" == setting
-    (head,) = rec.of("final_test_acc_percent")
-    assert head["value"] == pytest.approx(75.0) and head["claim_id"] == "A-imagenet11k-eps8"
-    assert head["comparison"] == "analogue"
-    d = rec.of("sequential_minus_only_private")
-    assert [r["value"] for r in d] == pytest.approx([0.3, 0.1]) and {r["claim_id"] for r in d} == {"A-public-beats-scratch"}
-    d = rec.of("sequential_minus_sample_ratio")
-    assert [r["value"] for r in d] == pytest.approx([0.05, -0.02])
-    assert {r["claim_id"] for r in d} == {"A-sequential-beats-mixing"}
-    assert len(rec.of("final_test_acc_mean", study="schedules")) == 5
-    verdict = pp.schedule_verdict(table, 2)
-    assert verdict.startswith("sequential beat only-private by +0.200")
-    assert "beat sample-ratio mixing by +0.015" in verdict and "did NOT beat cosine by -0.150" in verdict
-
-
-def test_reset_ablation_reuses_the_main_run_and_tags_the_claim(arms, monkeypatch):
-    arms.runs.clear()
-    main = _stub(0.8)
-    arms.runs[("sequential", 0)] = main
-    calls = []
-    monkeypatch.setattr(arms, "run", lambda sched, s, reset=None, method="": calls.append(reset) or _stub(0.6))
-    rec = Rec()
-    pp.run_reset_ablation(arms, [0], rec)
-    assert calls == ["v", "t", "none"] and arms.runs[("reset", "m", 0)] is main
-    table = pp.reset_table(arms, [0], rec)
-    assert table.loc["m", "acc_mean"] == 0.8 and table.loc["none", "acc_mean"] == 0.6
-    rows = rec.of("final_test_acc", claim_id="A-reset-m-best")
-    assert [r["method"] for r in rows] == ["reset_m", "reset_v", "reset_t", "reset_none"]
-
-
-def test_fraction_sweep_runs_only_the_other_fractions(arms, monkeypatch):
-    arms.runs.clear()
-    arms.runs[("sequential", 0)] = _stub(0.8)
-    ran = []
-    monkeypatch.setattr(arms, "run", lambda sched, s, fraction=None, method="": ran.append(fraction) or _stub(0.4))
-    rec = Rec()
-    ft = pp.fraction_sweep(arms, [0.05, 0.1], [0], rec)
-    assert ran == [0.05] and ft.loc[0.1, "mean"] == 0.8 and ft.loc[0.05, "mean"] == 0.4
-    assert [r["public_fraction"] for r in rec.of("final_test_acc_mean")] == [0.05, 0.1]
 
 
 def test_improvement_vs_batch_rows(arms):

@@ -104,5 +104,3 @@ def test_check_comparisons():
         sd.check_comparisons({"X": ["flat", "flat"]}, ["flat"])
 
 
-def test_noise_to_signal():
-    assert sd.noise_to_signal(3.0, 2_800_000, 4096) == pytest.approx(1.2255, rel=1e-3)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,6 @@ STAGES = ("stage0", "stage1")
 CLAIM_FIXED = "B-perlayer-fixed-below-flat"
 CLAIM_ADAPTIVE = "B-adaptive-matches-flat"
 CLAIM_WALL_TIME = "B-adaptive-less-wall-time"
-PAPER_EPSILON = 8.0
 
 
 # ---------------------------------------------------------------------------- arms
@@ -280,47 +279,6 @@ def jobs(arms: Sequence[str], target_epsilons: Sequence[float], seeds: Sequence[
     return ([(NONPRIVATE, None, s) for s in seeds] + out) if nonprivate_reference else out
 
 
-def run_all(study: Study, job_list: Iterable[tuple[str, float | None, int]], rec=None, *,
-            eval_every: int | str | None = "epoch", progress: bool = True) -> Runs:
-    """Train every (arm, epsilon, seed) of `job_list` and add its rows to `rec`.
-
-    Wall time is fit's training time plus the adaptive threshold updates (fit leaves
-    callbacks out). Rows per run: test_acc, test_loss, wall_time_s, seconds_per_step (epsilon
-    inf for the non-private arm), epsilon_spent (private arms), and a `threshold` row per
-    (step, group) of an adaptive arm.
-    """
-    runs, curves, trajectories = [], [], []
-    t_all = time.perf_counter()
-    job_list = list(job_list)
-    for arm, eps, s in tqdm(job_list, desc="runs", disable=not progress):
-        res, ad = train_arm(study, arm, eps, s, test_data=study.test, eval_every=eval_every)
-        extra = ad.time_s if ad is not None else 0.0
-        wall = res.history[-1]["wall_time_s"] + extra
-        acc = res.final["test_acc"]
-        spent = res.ledger.epsilon() if res.private else math.inf
-        runs.append({"arm": arm, "epsilon": eps, "seed": s, "test_acc": acc, "test_loss": res.final["test_loss"],
-                     "wall_time_s": wall, "s_per_step": wall / res.steps, "epsilon_spent": spent,
-                     "events": res.ledger.events if res.private else None,
-                     "ledger": res.ledger if res.private else None, "adaptive": ad})
-        if rec is not None:
-            eps_col = eps if eps is not None else math.inf
-            for metric, value in (("test_acc", acc), ("test_loss", res.final["test_loss"]), ("wall_time_s", wall),
-                                  ("seconds_per_step", wall / res.steps)):
-                rec.add(metric, value, method=arm, epsilon=eps_col, seed=s, steps=res.steps)
-            if res.private:
-                rec.add("epsilon_spent", spent, method=arm, epsilon=eps, seed=s, steps=res.steps)
-        for h in res.history:
-            curves.append({"arm": arm, "epsilon": eps, "seed": s, "step": h["step"], "test_acc": h["test_acc"],
-                           "wall_time_s": h["wall_time_s"] + extra * h["step"] / res.steps})
-        if ad is not None:
-            for row in ad.trajectories():
-                trajectories.append({"arm": arm, "epsilon": eps, "seed": s, **row})
-                if rec is not None:
-                    rec.add("threshold", row["threshold"], method=arm, epsilon=eps, seed=s, step=row["step"],
-                            group=row["group"])
-    return Runs(runs, curves, trajectories, time.perf_counter() - t_all)
-
-
 # ---------------------------------------------------------------------------- privacy check
 class PrivacyCheckError(AssertionError):
     """The arms' ledgers disagree, or an arm did not spend its target epsilon: a DP bug."""
@@ -434,64 +392,6 @@ def ordering_table(runs_df, arms: Sequence[str], target_epsilons: Sequence[float
         if "device" in arms and "layer" in arms:
             add(eps, "device - per-layer fixed", "device", "layer", "acc_diff_device_minus_layer", "device-vs-layer")
     return pd.DataFrame(rows, columns=["epsilon", "comparison", "diff", "se", "reading"])
-
-
-def ordering_verdicts(order_df, target_epsilons: Sequence[float]) -> list[str]:
-    """Per epsilon, one sentence on the paper's ordering adaptive >= flat > fixed per-layer:
-    adaptive >= flat holds when no adaptive arm without renormalisation reads "lower"; flat >
-    fixed when the mean difference is positive. Nothing for an epsilon missing either side."""
-    lines = []
-    for eps in target_epsilons:
-        sub = order_df[order_df.epsilon == eps]
-        fixed = sub[sub.comparison == "flat - per-layer fixed"]
-        adapt = sub[sub.comparison.str.endswith("- flat") & ~sub.comparison.str.contains("renorm")]
-        if not len(fixed) or not len(adapt):
-            continue
-        holds_fixed = fixed.iloc[0]["diff"] > 0
-        holds_adapt = bool((adapt["reading"] != "lower").all())
-        lines.append(f"eps={eps:g}: paper ordering adaptive >= flat > fixed per-layer: adaptive >= flat "
-                     f"{'HELD (no adaptive q below flat beyond noise)' if holds_adapt else 'did NOT hold (an adaptive q is below flat beyond noise)'}; "
-                     f"flat > fixed {'HELD' if holds_fixed else 'did NOT hold'} "
-                     f"(difference {fixed.iloc[0]['diff']:+.3f}, {fixed.iloc[0]['reading']})")
-    return lines
-
-
-def claim_epsilon(target_epsilons: Sequence[float]) -> float:
-    """The paper's epsilon (8) when it was run, else the largest one run."""
-    return PAPER_EPSILON if PAPER_EPSILON in target_epsilons else max(target_epsilons)
-
-
-def record_claim_rows(rec, runs: Sequence[dict[str, Any]], study: Study, arms: Sequence[str],
-                      target_epsilons: Sequence[float], seeds: Sequence[int]) -> None:
-    """The rows the report judges (claim (2) of He et al.): per seed, at `claim_epsilon`,
-    the differences X - Y of each claimed ordering "X > Y", paired by seed.
-
-    test_acc_difference flat - layer (B-perlayer-fixed-below-flat); test_acc_difference
-    adaptive - flat (B-adaptive-matches-flat) and wall_time_difference_s adaptive - flat
-    (B-adaptive-less-wall-time), for the first per-layer adaptive arm without
-    renormalisation. Wall time includes the threshold updates.
-    """
-    eps = claim_epsilon(target_epsilons)
-    adaptive = next((a for a in adaptive_arms(arms, "layer") if not parse_arm(a)["renorm"]), None)
-    by_run = {(r["arm"], r["epsilon"], r["seed"]): r for r in runs}
-    d = study.description
-    setting = (f"{d['dataset']}, {d['model_name']} {d['model_kwargs']}, eps={eps:g}, {d['epochs']:g} epochs, "
-               f"DP-Adam lr={study.lr:g}, {len(seeds)} seed(s), paired by seed")
-    for s in seeds:
-        flat, fixed = by_run.get(("flat", eps, s)), by_run.get(("layer", eps, s))
-        ada = by_run.get((adaptive, eps, s)) if adaptive else None
-        if flat and fixed:
-            rec.add("test_acc_difference", flat["test_acc"] - fixed["test_acc"], method="flat - layer",
-                    epsilon=eps, seed=s, comparison="difference", claim_id=CLAIM_FIXED,
-                    setting=f"test acc of flat minus fixed per-layer (C_k = C/sqrt(K)); {setting}")
-        if flat and ada:
-            rec.add("test_acc_difference", ada["test_acc"] - flat["test_acc"], method=f"{adaptive} - flat",
-                    epsilon=eps, seed=s, comparison="difference", claim_id=CLAIM_ADAPTIVE,
-                    setting=f"test acc of {adaptive} minus flat; {setting}")
-            rec.add("wall_time_difference_s", ada["wall_time_s"] - flat["wall_time_s"], method=f"{adaptive} - flat",
-                    epsilon=eps, seed=s, comparison="difference", claim_id=CLAIM_WALL_TIME,
-                    setting=f"training wall time (s) of {adaptive} minus flat, same steps, {study.device.type}; "
-                            f"{setting}")
 
 
 def mean_curve(curves_df, arm: str, epsilon: float | None):

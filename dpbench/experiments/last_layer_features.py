@@ -24,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -372,47 +372,6 @@ def sweep_metrics(df, feature_set: str, accounting: bool = True) -> list[dict[st
     return out
 
 
-def claim_arm_rows(
-    df,
-    claim: str,
-    arms: Sequence[str],
-    eps_ok: Callable[[float], bool],
-    what: str,
-    *,
-    delta: float,
-    conversion: str,
-    feature_set: str = "synthetic",
-) -> list[dict[str, Any]]:
-    """Rows for an ordering claim: per arm and seed, the test accuracy averaged over the
-    sweep's private epsilons that `eps_ok` admits (the arms share seeds, so the report pairs
-    them by seed). No rows when an arm or every epsilon is missing: the claim stays "not run"."""
-    d = df[np.isfinite(df.target_epsilon) & df.method.isin(arms)]
-    d = d[d.target_epsilon.map(eps_ok)]
-    if d.empty or set(d.method) != set(arms):
-        return []
-    grid = sorted(d.target_epsilon.unique())
-    eps_grid = "/".join(f"{e:g}" for e in grid)
-    setting = (f"{what}: n={d.n.iloc[0]}, test accuracy per seed averaged over eps {eps_grid} "
-               f"(delta={delta:g}, {conversion}), {d.seed.nunique()} seeds")
-    return [dict(metric="test_accuracy_mean_over_eps", value=acc.mean(), method=m, seed=int(s), claim_id=claim,
-                 setting=setting, feature_set=feature_set, eps_grid=eps_grid, n=int(d.n.iloc[0]))
-            for (m, s), acc in d.groupby(["method", "seed"]).accuracy]
-
-
-def ordering_claim_rows(df, cfg: SolverConfig, *, dim: int, num_classes: int, delta: float,
-                        conversion: str) -> list[dict[str, Any]]:
-    """Rows of PAPERS.md E's ordering claims on the synthetic sweep: least squares beats
-    DP-SGD for eps in [1, 10] and below 1; DP-FC is at least as good as least squares and
-    Newton (over every epsilon)."""
-    what = f"synthetic features d={dim}, {num_classes} classes, DP-SGD {cfg.sgd_steps} full-batch steps"
-    kw = dict(delta=delta, conversion=conversion)
-    return (claim_arm_rows(df, "E-ls-beats-logistic", ["least_squares", "dp_sgd"], lambda e: 1 <= e <= 10, what, **kw)
-            + claim_arm_rows(df, "E-ls-beats-logistic-low-eps", ["least_squares", "dp_sgd"], lambda e: e < 1, what,
-                             **kw)
-            + claim_arm_rows(df, "E-dpfc-best", ["dp_fc", "least_squares", "newton"], lambda e: True,
-                             f"synthetic features d={dim}, {num_classes} classes, DP-FC T={cfg.fc_steps}", **kw))
-
-
 def summary(df):
     """Median, min and max test accuracy over seeds per (method, private epsilon), with n*eps."""
     import pandas as pd
@@ -438,29 +397,6 @@ def accuracy_table(df, methods: Sequence[str]):
     base = non_private(df)
     t.loc["non-private"] = [np.nan] + [base[m] for m in methods]
     return t
-
-
-def ls_vs_logistic(df, methods: Sequence[str]) -> tuple[list[str], list[dict[str, Any]]]:
-    """Least squares against the best logistic solver (DP-SGD, DP-Adam, Newton) per epsilon,
-    from the sweep's medians: printable lines and `ls_minus_best_logistic` rows (computed,
-    not asserted). Empty when least squares or every logistic solver is missing."""
-    logistic = [m for m in ("dp_sgd", "dp_adam", "newton") if m in methods]
-    if "least_squares" not in methods or not logistic:
-        return [], []
-    n = int(df.n.iloc[0])
-    med = summary(df).pivot(index="target_epsilon", columns="method", values="median")
-    lines, rows = [], []
-    for eps in med.index:
-        best_log = med.loc[eps, logistic].max()
-        who = med.loc[eps, logistic].idxmax()
-        ls = med.loc[eps, "least_squares"]
-        verdict = "beats" if ls > best_log else "does not beat"
-        fc = f"; DP-FC {med.loc[eps, 'dp_fc']:.3f}" if "dp_fc" in med.columns else ""
-        lines.append(f"eps={eps:g} (n*eps={eps * n:,.0f}): least squares {ls:.3f} {verdict} "
-                     f"the best logistic solver ({NICE[who]}, {best_log:.3f}){fc}")
-        rows.append(dict(metric="ls_minus_best_logistic", value=ls - best_log, method="least_squares",
-                         epsilon=float(eps), feature_set="synthetic", n=n, n_epsilon=eps * n))
-    return lines, rows
 
 
 def _sweep_runs(df, method: str, epsilons: Sequence[float]) -> list[dict[str, Any]]:
@@ -504,62 +440,6 @@ def init_ablation(
                                 claim_id="E-zero-init-helps", arm=f"{init}_init"))
         runs += rows
     return pd.DataFrame(runs), metrics
-
-
-def batch_size_ablation(
-    task: FeatureTask,
-    sweep_df,
-    cfg: SolverConfig,
-    *,
-    batch_sizes: Sequence[int],
-    epsilon: float,
-    steps: int,
-    seeds: Sequence[int],
-    delta: float,
-    conversion: str,
-    device: str | torch.device | None = None,
-):
-    """DP-SGD at a fixed epsilon and number of steps over expected batch sizes (0: the full
-    batch, an unsampled release per step). The full-batch run is reused from the sweep when
-    it is the same run. The full batch and the smallest batch carry claim E-full-batch-helps
-    (arms full_batch, small_batch; middle sizes are untagged). Returns (DataFrame with
-    batch_size and steps columns, recorder rows)."""
-    import pandas as pd
-
-    n = task.n_private
-    sizes = [n if bs == 0 else min(int(bs), n) for bs in batch_sizes]
-    smallest = min(sizes)
-    runs, metrics = [], []
-    for b in sizes:
-        st = {"dp_sgd": dict(steps=steps, lr=cfg.sgd_lr, batch_size=None if b == n else b, clip_norm=cfg.clip_norm)}
-        same_as_sweep = b == n and cfg.sgd_batch_size == 0 and steps == cfg.sgd_steps
-        rows = _sweep_runs(sweep_df, "dp_sgd", [epsilon]) if same_as_sweep else []
-        if not rows:
-            rows = L.run_grid(task.train, task.test, task.num_classes, methods=["dp_sgd"], epsilons=[epsilon],
-                              seeds=seeds, settings=st, delta=delta, conversion=conversion, baseline=False,
-                              device=device)
-        arm = "full_batch" if b == n else "small_batch" if b == smallest else ""
-        tag = dict(claim_id="E-full-batch-helps", arm=arm) if arm and smallest < n else {}
-        for r in rows:
-            r.update(batch_size=b, steps=steps)
-            metrics.append(dict(metric="test_accuracy", value=r["accuracy"], method="dp_sgd", epsilon=epsilon,
-                                seed=r["seed"], feature_set="synthetic", ablation="batch_size", batch_size=b,
-                                steps=steps, noise_multiplier=r["noise_multiplier"], n=n, n_epsilon=n * epsilon,
-                                **tag))
-        runs += rows
-    return pd.DataFrame(runs), metrics
-
-
-def batch_size_summary(df):
-    """Per batch size: steps, noise multiplier, median/min/max accuracy and sigma / B (the
-    noise on the averaged gradient)."""
-    import pandas as pd
-
-    g = df.groupby("batch_size")
-    out = pd.DataFrame({"steps": g.steps.first(), "noise_multiplier": g.noise_multiplier.first(),
-                        "median": g.accuracy.median(), "min": g.accuracy.min(), "max": g.accuracy.max()})
-    out["sigma / B"] = out.noise_multiplier / out.index
-    return out
 
 
 # --------------------------------------------------------------------------------- figures
@@ -638,17 +518,3 @@ def plot_init_ablation(df, epsilons: Sequence[float]):
     return fig
 
 
-def plot_batch_size_ablation(bs_sum, *, epsilon: float, steps: int, n: int, n_seeds: int | None = None):
-    """Median and min-max accuracy (over `n_seeds` seeds) against the expected batch size
-    (`batch_size_summary`)."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.errorbar(bs_sum.index, bs_sum["median"], yerr=[bs_sum["median"] - bs_sum["min"],
-                                                      bs_sum["max"] - bs_sum["median"]], fmt="o-", capsize=3)
-    _log_ticks(ax, list(bs_sum.index), "{:,}")
-    ax.set_xlabel("expected batch size (rightmost = full batch)")
-    ax.set_ylabel("test accuracy")
-    spread = f"over {n_seeds} seed{'s' if n_seeds != 1 else ''}" if n_seeds else "over seeds"
-    ax.set_title(f"DP-SGD, eps={epsilon:g}, {steps} steps, n={n}\nmedian, whiskers min-max {spread}", fontsize=10)
-    return fig

@@ -18,7 +18,6 @@ backbone's columns bound (`functools.partial`).
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,53 +354,6 @@ def record_means(mean, sd, sizes, n_seeds: int, add: Callable[..., Any]) -> None
                 trained_params=int(sizes.loc[s, "trained_params"]))
 
 
-def best_rows(mean, sd, best, add: Callable[..., Any]):
-    """The best subset per epsilon with its margin over the runner-up (a `best_subset_test_acc`
-    row each; the eps = 2 row is the small-scale analogue of claim D-cifar100-eps2) and one
-    `best_subset_changes_with_eps` row. Returns (table, changed)."""
-    import pandas as pd
-
-    rows = []
-    for e in mean.columns:
-        runner_up = mean[e].drop(best[e]).max() if len(mean.index) > 1 else float("nan")
-        rows.append({"eps": e, "best_subset": best[e], "test_acc": mean.loc[best[e], e],
-                     "margin_over_second": mean.loc[best[e], e] - runner_up, "seed_sd": sd.loc[best[e], e]})
-        add("best_subset_test_acc", mean.loc[best[e], e], method=best[e], epsilon=e, study="best",
-            margin=mean.loc[best[e], e] - runner_up, claim_id="D-cifar100-eps2" if e == 2 else "",
-            comparison="analogue")  # a small-scale stand-in for the paper's CIFAR-100 number: shown, not judged
-    table = pd.DataFrame(rows)
-    changed = table.best_subset.nunique() > 1
-    add("best_subset_changes_with_eps", float(changed), method="grid", study="best",
-        best_by_eps=json.dumps({f"{r.eps:g}": r.best_subset for r in table.itertuples()}))
-    return table, changed
-
-
-def difference_rows(grid, order: Sequence[str], seeds: Sequence[int], add: Callable[..., Any], *, dataset: str,
-                    backbone_source: str) -> list[dict[str, Any]]:
-    """Rows of claim D-layer-choice-matters: at each epsilon the best and the worst subsets are
-    picked by mean *validation* accuracy, so the test-accuracy difference is not inflated by
-    the pick (max - min of test accuracies would be >= 0 by construction). One row per
-    (eps, seed); the report averages a seed's rows over eps and takes the CI over seeds."""
-    val_mean = grid.pivot_table(index="subset", columns="eps", values="val_acc", aggfunc="mean").reindex(order)
-    eps_list = ", ".join(f"{e:g}" for e in val_mean.columns)
-    rows = []
-    for e in val_mean.columns:
-        hi, lo = val_mean[e].idxmax(), val_mean[e].idxmin()
-        if len(order) < 2 or hi == lo:
-            continue
-        for s in seeds:
-            g = grid[(grid.eps == e) & (grid.seed == s)].set_index("subset").test_acc
-            if hi in g.index and lo in g.index:
-                row = {"value": g[hi] - g[lo], "method": f"{hi} - {lo}", "epsilon": e, "seed": s}
-                rows.append(row)
-                add("test_acc_difference", row["value"], method=row["method"], epsilon=e, seed=s, study="best",
-                    comparison="difference", claim_id="D-layer-choice-matters",
-                    setting=f"{dataset}, backbone {backbone_source}; test acc of the best minus the worst of "
-                            f"{len(order)} subsets (picked by validation accuracy) at each eps in {{{eps_list}}}, "
-                            f"averaged over eps per seed; {len(seeds)} seed(s)")
-    return rows
-
-
 # --------------------------------------------------------------------------- the search
 
 
@@ -526,25 +478,6 @@ def plot_heatmap(ax, mean, best, title: str):
             if best[e] == s:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
     return im
-
-
-def plot_best_per_eps(ax, mean, sd, best, *, backbone_acc: float, nonprivate: float | None = None) -> None:
-    """Accuracy against epsilon per subset (mean ± sd); a star on the best subset at each eps."""
-    for s in mean.index:
-        ax.errorbar(mean.columns, mean.loc[s], yerr=sd.loc[s].fillna(0), marker="o", capsize=3, label=s)
-    for e in mean.columns:
-        ax.plot([e], [mean.loc[best[e], e]], marker="*", ms=16, color="k", zorder=5)
-        ax.annotate(best[e], (e, mean.loc[best[e], e]), textcoords="offset points", xytext=(7, 7), ha="left",
-                    fontsize=7)  # up and right of the star: clear of the y tick labels at the first epsilon
-    ax.axhline(backbone_acc, color="gray", ls=":", label="backbone, no fine-tuning")
-    if nonprivate is not None:
-        ax.axhline(nonprivate, color="gray", ls="--", label="all, non-private")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(list(mean.columns), [f"{e:g}" for e in mean.columns])
-    ax.set_xlabel("ε")
-    ax.set_ylabel("test accuracy")
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title("best subset per ε (★)")
 
 
 def plot_accuracy_vs_params(ax, mean, sd, trained_params, n_seeds: int | None = None) -> None:

@@ -40,8 +40,6 @@ from dpbench.training.loop import TrainResult
 SCHEDULES = ("only_private", "only_public", "sequential", "sample_ratio", "cosine")
 RESETS = ("m", "v", "t", "none")
 MODES = ("non_private", "clip_only", "noise_only", "dp")
-# figure 1: (start label, schedule) - from scratch is the only-private arm, the public checkpoint the sequential one
-STARTS = (("from scratch", "only_private"), ("from public checkpoint", "sequential"))
 DIAG_KEYS = ("gtg", "g_dot", "ghg", "tr_h", "tr_sigma", "tr_h_sigma")
 
 
@@ -174,130 +172,6 @@ class PublicCheckpointSaver:
                                       extra=self.extra)
 
 
-def run_schedules(arms: Arms, seeds: Sequence[int], rec: Any, checkpoint: str | Path) -> PublicCheckpointSaver:
-    """Figure 7: every schedule at every seed (`arms.runs[(schedule, seed)]`, histories recorded
-    with study "schedules"). The sequential arm of the first seed writes the public checkpoint
-    at its switch; returns that saver (its `.model` is the public-phase model)."""
-    saver = PublicCheckpointSaver(arms, checkpoint, {"public_steps": arms.switch_step, "lr": arms.lr,
-                                                     "optimizer": "adamw",
-                                                     "public_batch_size": arms.public_batch_size, "seed": seeds[0]})
-    for name, s in tqdm([(n, s) for n in SCHEDULES for s in seeds], desc="schedules", unit="run"):  # bar kept in the log
-        r = arms.run(name, s, on_switch=saver if (name == "sequential" and s == seeds[0]) else None)
-        arms.runs[(name, s)] = r
-        r.record(rec, method=name, seed=s, study="schedules")
-    return saver
-
-
-def schedule_table(arms: Arms, seeds: Sequence[int]):
-    """Final test accuracy (mean, sd), loss, epsilon, sigma and private steps per schedule."""
-    import pandas as pd
-
-    final = pd.DataFrame([{"schedule": n, "seed": s, "test_acc": arms.runs[(n, s)].final["test_acc"],
-                           "test_loss": arms.runs[(n, s)].final["test_loss"], "epsilon": arms.runs[(n, s)].epsilon,
-                           "sigma": arms.runs[(n, s)].noise_multiplier,
-                           "private_steps": arms.runs[(n, s)].private_steps}
-                          for n in SCHEDULES for s in seeds])
-    return final.groupby("schedule", sort=False).agg(
-        acc_mean=("test_acc", "mean"), acc_sd=("test_acc", "std"), loss_mean=("test_loss", "mean"),
-        epsilon=("epsilon", "max"), sigma=("sigma", "first"), private_steps=("private_steps", "first"))
-
-
-def record_schedule_claims(arms: Arms, table, seeds: Sequence[int], rec: Any) -> str:
-    """`final_test_acc_mean` per schedule, and the claim rows: the sequential arm's accuracy as
-    a small-scale analogue of the paper's headline (A-imagenet11k-eps8, never judged against
-    it) and per-seed paired differences for the two ordering claims of Table 2 / Fig. 7
-    (A-public-beats-scratch, A-sequential-beats-mixing). Returns the setting text."""
-    eps = arms.target_epsilon
-    for name, row in table.iterrows():
-        rec.add("final_test_acc_mean", row.acc_mean, method=name, epsilon=row.epsilon, seed=None, study="schedules",
-                sd=row.acc_sd, n_seeds=len(seeds))
-    setting = (f"{arms.dataset}, {arms.model_name}, {arms.public_fraction:.0%} public, eps={eps:g}, {arms.steps} steps "
-               f"(switch at {arms.switch_step}), {len(seeds)} seeds")
-    seq = table.loc["sequential"]
-    rec.add("final_test_acc_percent", 100 * seq.acc_mean, method="sequential", epsilon=eps, study="schedules",
-            sd=100 * seq.acc_sd, n_seeds=len(seeds), comparison="analogue", setting=setting,
-            claim_id="A-imagenet11k-eps8")
-    for s in seeds:
-        fin = {n: arms.runs[(n, s)].final["test_acc"] for n in SCHEDULES}
-        rec.add("sequential_minus_only_private", fin["sequential"] - fin["only_private"], method="sequential",
-                epsilon=eps, seed=s, study="schedules", comparison="difference", setting=setting,
-                claim_id="A-public-beats-scratch")
-        rec.add("sequential_minus_sample_ratio", fin["sequential"] - fin["sample_ratio"], method="sequential",
-                epsilon=eps, seed=s, study="schedules", comparison="difference", setting=setting,
-                claim_id="A-sequential-beats-mixing")
-    return setting
-
-
-def schedule_verdict(table, n_seeds: int) -> str:
-    """One sentence: did the sequential arm beat only-private, sample-ratio and cosine (means)?"""
-    acc = table["acc_mean"]
-    parts = []
-    for other, what in (("only_private", "only-private"), ("sample_ratio", "sample-ratio mixing"),
-                        ("cosine", "cosine")):
-        gain = acc["sequential"] - acc[other]
-        parts.append(f"{'beat' if gain > 0 else 'did NOT beat'} {what} by {gain:+.3f}")
-    return (f"sequential {parts[0]} accuracy; {parts[1]}; {parts[2]} "
-            f"(mean over {n_seeds} seeds; sd in the table above)")
-
-
-def run_reset_ablation(arms: Arms, seeds: Sequence[int], rec: Any) -> None:
-    """Figure 8: the sequential arm resetting m, v, t or nothing at the switch
-    (`arms.runs[("reset", r, seed)]`; the main reset reuses the schedule run)."""
-    for r_, s in tqdm([(r_, s) for r_ in RESETS for s in seeds], desc="reset ablation", unit="run"):
-        if r_ == arms.reset and ("sequential", s) in arms.runs:
-            arms.runs[("reset", r_, s)] = arms.runs[("sequential", s)]
-        else:
-            arms.runs[("reset", r_, s)] = arms.run("sequential", s, reset=r_, method=f"reset_{r_}")
-        arms.runs[("reset", r_, s)].record(rec, method=f"reset_{r_}", seed=s, study="reset", reset=r_)
-
-
-def reset_table(arms: Arms, seeds: Sequence[int], rec: Any):
-    """Final accuracy per reset (mean, sd) with `final_test_acc_mean` rows, and per-seed
-    `final_test_acc` rows of the ordering claim A-reset-m-best."""
-    import pandas as pd
-
-    df = pd.DataFrame([{"reset": r_, "seed": s, "test_acc": arms.runs[("reset", r_, s)].final["test_acc"],
-                        "test_loss": arms.runs[("reset", r_, s)].final["test_loss"]} for r_ in RESETS for s in seeds])
-    table = df.groupby("reset", sort=False).agg(acc_mean=("test_acc", "mean"), acc_sd=("test_acc", "std"),
-                                                loss_mean=("test_loss", "mean"))
-    for r_, row in table.iterrows():
-        rec.add("final_test_acc_mean", row.acc_mean, method=f"reset_{r_}", epsilon=arms.target_epsilon,
-                study="reset", sd=row.acc_sd, n_seeds=len(seeds))
-        for s in seeds:
-            rec.add("final_test_acc", arms.runs[("reset", r_, s)].final["test_acc"], method=f"reset_{r_}", seed=s,
-                    epsilon=arms.target_epsilon, study="reset",
-                    setting=f"{arms.dataset}, {arms.model_name}, switch at {arms.switch_step}", claim_id="A-reset-m-best")
-    return table
-
-
-def run_clip_vs_noise(arms: Arms, seeds: Sequence[int], rec: Any) -> list[tuple[str, str, Any]]:
-    """Figure 1: the private gradient four ways (MODES), from scratch (only-private) and from
-    the public checkpoint (sequential); the DP arm reuses the schedule run. Records every
-    history and a `final_test_loss_mean` per arm; returns (start, mode, curves) per arm, the
-    sequential curves from the switch on."""
-    out = []
-    bar = tqdm(total=len(STARTS) * len(MODES) * len(seeds), desc="clipping vs noise", unit="run")
-    for start, sched in STARTS:
-        for mode in MODES:
-            keys = []
-            for s in seeds:
-                key = ("fig1", sched, mode, s)
-                arms.runs[key] = (arms.runs[(sched, s)] if mode == "dp"
-                                  else arms.run(sched, s, mode=mode, method=f"{mode}_{sched}"))
-                arms.runs[key].record(rec, method=f"{mode}:{sched}", seed=s, study="fig1", mode=mode, start=start)
-                keys.append(key)
-                bar.update()
-            df = arms.curves(keys)
-            if sched == "sequential":
-                df = df[df.step >= arms.switch_step]
-            out.append((start, mode, df))
-            rec.add("final_test_loss_mean", float(np.mean([arms.runs[k].final["test_loss"] for k in keys])),
-                    method=f"{mode}:{sched}", epsilon=arms.runs[keys[0]].epsilon, study="fig1", mode=mode,
-                    start=start)
-    bar.close()
-    return out
-
-
 @dataclass
 class Improvement:
     """Figure 5 at one checkpoint: curvature statistics (clipped and raw gradients), the
@@ -412,26 +286,6 @@ def plot_improvement(axes, fig5: Figure5) -> None:
         ax.legend(fontsize=8)
 
 
-def fraction_sweep(arms: Arms, fractions: Sequence[float], seeds: Sequence[int], rec: Any):
-    """Final accuracy of the sequential arm against the public fraction (mean, std per
-    fraction; the main fraction reuses the schedule runs). Records new histories and one
-    `final_test_acc_mean` row per fraction."""
-    import pandas as pd
-
-    rows = []
-    for f, s in tqdm([(f, s) for f in fractions for s in seeds], desc="public fractions", unit="run"):
-        key = ("sequential", s) if f == arms.public_fraction else ("fraction", f, s)
-        if key not in arms.runs:
-            arms.runs[key] = arms.run("sequential", s, fraction=f, method=f"sequential_{f:g}")
-            arms.runs[key].record(rec, method="sequential", seed=s, study="public_fraction", public_fraction=f)
-        rows.append({"public_fraction": f, "seed": s, "test_acc": arms.runs[key].final["test_acc"]})
-    ft = pd.DataFrame(rows).groupby("public_fraction").test_acc.agg(["mean", "std"])
-    for f, row in ft.iterrows():
-        rec.add("final_test_acc_mean", row["mean"], method="sequential", epsilon=arms.target_epsilon,
-                study="public_fraction", public_fraction=f, sd=row["std"], n_seeds=len(seeds))
-    return ft
-
-
 def check_checkpoint(path: str | Path, private: Any, whole: Any) -> tuple[mixing.PublicCheckpointInfo, str]:
     """Read the public checkpoint's provenance, check that `private` passes the overlap check
     and that `whole` (which contains the public examples) is refused. Returns (info, the
@@ -453,55 +307,6 @@ def record_ledger(arms: Arms, seed: int, rec: Any, path: str | Path):
     rec.add("epsilon_spent", ledger.epsilon(), method="sequential", epsilon=ledger.epsilon(), seed=seed,
             private_steps=ledger.steps, public_steps=arms.switch_step, study="ledger")
     return ledger
-
-
-def reset_differences(arms: Arms, seeds: Sequence[int], reference: str = "m"):
-    """Figure 8 as differences: each reset's test loss and accuracy minus the `reference` reset's,
-    paired by seed at every evaluation step (columns reset, step, d_loss, d_loss_sd, d_acc, d_acc_sd;
-    sd over seeds, NaN with one seed). Arms that coincide show as exact zeros instead of hiding
-    under each other."""
-    import pandas as pd
-
-    ref = arms.curves([("reset", reference, s) for s in seeds])[["step", "seed", "test_loss", "test_acc"]]
-    parts = []
-    for r_ in RESETS:
-        if r_ == reference:
-            continue
-        cur = arms.curves([("reset", r_, s) for s in seeds])[["step", "seed", "test_loss", "test_acc"]]
-        m = cur.merge(ref, on=["step", "seed"], suffixes=("", "_ref"))
-        m = m.assign(d_loss=m.test_loss - m.test_loss_ref, d_acc=m.test_acc - m.test_acc_ref)
-        g = m.groupby("step").agg(d_loss=("d_loss", "mean"), d_loss_sd=("d_loss", "std"),
-                                  d_acc=("d_acc", "mean"), d_acc_sd=("d_acc", "std")).reset_index()
-        parts.append(g.assign(reset=r_))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
-        columns=["reset", "step", "d_loss", "d_loss_sd", "d_acc", "d_acc_sd"])
-
-
-def plot_reset_differences(diff, *, switch_step: int, reference: str, n_seeds: int):
-    """Two panels (test loss, test accuracy): each reset minus the reference reset against the
-    step, with a ± 1 sd band over the paired seeds when there are several; an arm identical to
-    the reference at every evaluation says so in the legend."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
-    for (r_, g), ls in zip(diff.groupby("reset", sort=False), ["-", "--", "-.", ":"]):
-        same = bool((g[["d_loss", "d_acc"]].abs().max() == 0).all())
-        for ax, col in zip(axes, ["d_loss", "d_acc"]):
-            line, = ax.plot(g["step"], g[col], ls=ls, marker=".",
-                            label=f"reset {r_}" + (" (identical to the reference)" if same else ""))
-            if n_seeds > 1:
-                sd = g[f"{col}_sd"].fillna(0.0)
-                ax.fill_between(g["step"], g[col] - sd, g[col] + sd, color=line.get_color(), alpha=0.15)
-    for ax, lab in zip(axes, ["test loss", "test accuracy"]):
-        ax.axhline(0, color="k", lw=0.8)
-        ax.axvline(switch_step, color="k", ls=":", lw=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"{lab} minus reset {reference}'s")
-    axes[1].legend()
-    spread = f"band: ± 1 sd over {n_seeds} paired seeds" if n_seeds > 1 else "one seed, no spread"
-    fig.suptitle(f"Which state to reset at the switch (step {switch_step}): difference to resetting {reference} "
-                 f"(the paper's choice; {spread})")
-    return fig
 
 
 # ---------------------------------------------------------------------------- a decidable study (issue 16)

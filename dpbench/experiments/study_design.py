@@ -200,8 +200,3 @@ def check_comparisons(comparisons: Mapping[str, Sequence[str]], arms: Sequence[s
     return out
 
 
-# ---------------------------------------------------------------------------- regime
-def noise_to_signal(sigma: float, d: int, batch: float) -> float:
-    """sigma sqrt(d) / B: the norm of the noise in the averaged gradient relative to one
-    clipped per-sample gradient (C = 1)."""
-    return sigma * math.sqrt(d) / batch

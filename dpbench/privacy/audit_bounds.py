@@ -39,7 +39,6 @@ the loop) live in `dpbench.training.audit_runs`, which feeds its scores to these
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence

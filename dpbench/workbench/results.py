@@ -7,15 +7,13 @@ plus any parameter columns (``step``, ``batch_size``, ...).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from dpbench.atomic import write_atomic, write_json_atomic
+from dpbench.atomic import write_atomic
 from dpbench.errors import UserError
 
 COLUMNS = [
