@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from dpbench.clipping import ClippingEngine
 from dpbench.clipping.rules import Conv2dRule
 from dpbench.errors import UserError
+from dpbench.experiments.plots import FAILED, NOT_MEASURED, bars_marking_missing, grouped_bars, legend_once, plain_log_ticks
 from dpbench.training import bench
 from dpbench.training.bench import Cell, DPBENCH_METHODS, EXTRA_METHODS, METHODS as BENCH_METHODS
 
@@ -616,16 +617,12 @@ def plot_crossover(rows: Sequence[dict[str, Any]], summary: dict[str, Any], *, i
 
 
 def _ratio_axis(ax) -> None:
-    from dpbench.experiments.plots import plain_log_ticks
-
     ax.set_yscale("log")
     plain_log_ticks(ax.yaxis)
     ax.axhline(1, color="k", lw=0.8)
 
 
 def _marks_text(drawn: set[str]) -> str:
-    from dpbench.experiments.plots import FAILED, NOT_MEASURED
-
     parts = []
     if FAILED in drawn:
         parts.append('"fails": the method could not run (reason in the table)')
@@ -639,7 +636,6 @@ def plot_step_ratios(flat_rows: Sequence[dict[str, Any]], device: str, repeats: 
     the same log scale; whiskers span the per-pair time ratios of the interleaved repeats."""
     import matplotlib.pyplot as plt
 
-    from dpbench.experiments.plots import grouped_bars, legend_once
 
     fig, axes = plt.subplots(1, 2, figsize=(15, 5), layout="constrained")
     drawn = grouped_bars(axes[0], flat_rows, "ratio_to_nonprivate", "step time / non-private step time (log scale)",
@@ -660,7 +656,6 @@ def plot_fixed_batch(flat_rows: Sequence[dict[str, Any]], device: str, max_batch
     model's own batch (cpu: resident-set peak above the process baseline)."""
     import matplotlib.pyplot as plt
 
-    from dpbench.experiments.plots import grouped_bars, legend_once
 
     fig, ax = plt.subplots(figsize=(12, 4.5), layout="constrained")
     key = "max_batch_size" if max_batch else "step_mem_mb"
@@ -680,7 +675,6 @@ def plot_flat_vs_layer(table, model: str, device: str, repeats: int):
     with the per-pair time ratios' range as whiskers."""
     import matplotlib.pyplot as plt
 
-    from dpbench.experiments.plots import bars_marking_missing
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     bars_marking_missing(axes[0], table["arm"], table["x time"], ranges=list(table["pair ratios"]))

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from dpbench.clipping.adaptive import separate_events_epsilon
 from dpbench.data import load_dataset
 from dpbench.experiments import study_design
+from dpbench.experiments.plots import legend_once, plain_log_ticks
 from dpbench.errors import UserError
 from dpbench.models import create_model
 from dpbench.privacy import accounting
@@ -541,7 +542,6 @@ def plot_threshold_trajectories(traj_df, adaptive: Sequence[str], target_epsilon
     per-layer threshold C/sqrt(K); one legend below the panels."""
     import matplotlib.pyplot as plt
 
-    from dpbench.experiments.plots import legend_once, plain_log_ticks
 
     fig, axes = plt.subplots(len(adaptive), len(target_epsilons),
                              figsize=(5.5 * len(target_epsilons), 2.6 * len(adaptive) + 1.2),

@@ -17,10 +17,12 @@ ROC figures. The recorder is passed in (anything with `Recorder.add`'s signature
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from dpbench.atomic import write_atomic
 from dpbench.privacy import audit_bounds
 from dpbench.training import audit_mechanisms, audit_runs
 
@@ -271,10 +273,6 @@ def explain_mechanisms(rows: Sequence[dict[str, Any]]) -> str:
 def save_mechanism_table(rows: Sequence[dict[str, Any]], output_dir: str) -> Any:
     """Write `mechanism_table(rows)` as mechanism_audit.csv in `output_dir` (atomically);
     returns the path, or None without an output directory."""
-    from pathlib import Path
-
-    from dpbench.atomic import write_atomic
-
     if not output_dir:
         return None
     path = Path(output_dir) / "mechanism_audit.csv"

@@ -46,6 +46,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dpbench.errors import UserError
+from dpbench.privacy import accounting
 
 __all__ = [
     "AuditBound",
@@ -485,8 +486,6 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
     """Exact epsilon(delta) of one Gaussian mechanism whose output shifts by `mu` noise
     standard deviations (mu-GDP), through dp-accounting (`accounting.gaussian_mechanism_epsilon`
     with noise multiplier 1/mu); infinite for an infinite shift (no noise)."""
-    from dpbench.privacy import accounting
-
     mu = float(mu)
     if mu < 0:
         raise UserError(f"the shift mu must be >= 0, got {mu!r}")

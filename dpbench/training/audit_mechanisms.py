@@ -42,6 +42,13 @@ from dpbench.privacy.audit_bounds import (
     shuffle_max_test_epsilon,
     simulated_trials,
 )
+from dpbench.clipping import ClippingEngine
+from dpbench.clipping.adaptive import AdaptiveClipping, centered_count
+from dpbench.training import linear
+from dpbench.training.distributed import DataParallel, DistributedDPOptimizer, free_port
+from dpbench.training.loop import BatchSpec, ClipSpec, EvalSpec, OptimSpec, PrivacySpec, fit
+from dpbench.training.optimizer import DPOptimizer
+from dpbench.training.sampling import PoissonSampler
 
 __all__ = [
     "CanaryAudit", "THREAT_MODELS", "MECHANISM_VARIANTS", "summarize",
@@ -235,8 +242,6 @@ def audit_dpsgd_run(variant: str = "correct", *, canaries: int = 20_000, sample_
     ledger epsilon. Release y_tj = -(w_t - w_{t-1})_j (q m/2) / (lr C) ~ 1[j in batch t] + N(0, sigma^2)
     (scaled by the public m/2, not the realised n: within about 1/sqrt(m) of that).
     """
-    from dpbench.training.loop import BatchSpec, ClipSpec, EvalSpec, OptimSpec, PrivacySpec, fit
-
     if variant not in MECHANISM_VARIANTS["dpsgd_run"]:
         raise UserError(f"unknown dpsgd_run variant {variant!r}; use {MECHANISM_VARIANTS['dpsgd_run']}")
     if not 0 < sample_rate < 1:
@@ -307,9 +312,6 @@ def audit_adaptive_counts(variant: str = "correct", *, trials: int = 20_000, noi
     counts together). Fault "unnoised_counts": the tracker's count noise replaced by zeros (a
     monkeypatch on the instance), true epsilon infinite.
     """
-    from dpbench.clipping import ClippingEngine
-    from dpbench.clipping.adaptive import AdaptiveClipping, centered_count
-
     if variant not in MECHANISM_VARIANTS["adaptive_counts"]:
         raise UserError(f"unknown adaptive_counts variant {variant!r}")
     t0 = time.perf_counter()
@@ -416,8 +418,6 @@ def audit_linear(solver: str = "least_squares", variant: str = "correct", *, tri
     matrices or vectors alone. Fault "sensitivity_c" (least squares): true epsilon from the
     actual multipliers s/C (matrices) and s (vector), composed.
     """
-    from dpbench.training import linear
-
     if solver not in ("least_squares", "newton", "dp_fc") or variant not in MECHANISM_VARIANTS[solver]:
         raise UserError(f"unknown linear audit {solver!r}/{variant!r}; see MECHANISM_VARIANTS")
     t0 = time.perf_counter()
@@ -432,7 +432,6 @@ def audit_linear(solver: str = "least_squares", variant: str = "correct", *, tri
     members = _members(trials, seed)
     names = ("matrices", "vector")
     raw = {k: np.empty(int(trials)) for k in names}
-    uu = torch.outer(u, u)
     L = num_classes
     for i, member in enumerate(members):
         xs = torch.cat([x, x_c[None]]) if member else x
@@ -550,9 +549,6 @@ def audit_pipeline_noise(variant: str = "correct", *, canaries: int = 20_000, st
     Fault "per_stage_sigma_ck": a DPOptimizer subclass adding sigma*C_k per stage, i.e. the
     effective multiplier sigma/sqrt(K).
     """
-    from dpbench.clipping import ClippingEngine
-    from dpbench.training.optimizer import DPOptimizer
-
     if variant not in MECHANISM_VARIANTS["pipeline_noise"]:
         raise UserError(f"unknown pipeline_noise variant {variant!r}")
     t0 = time.perf_counter()
@@ -611,9 +607,6 @@ def _dp_worker(rank: int, world: int, port: int, out_path: str, variants: Sequen
     """One rank: joins ONE gloo group, runs one full-batch step per variant, rank 0 saves releases."""
     import torch.distributed as dist
 
-    from dpbench.clipping import ClippingEngine
-    from dpbench.training.distributed import DataParallel, DistributedDPOptimizer
-    from dpbench.training.sampling import PoissonSampler
 
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
@@ -682,7 +675,6 @@ def audit_data_parallel(variants: Sequence[str] = MECHANISM_VARIANTS["data_paral
     """
     import torch.multiprocessing as mp
 
-    from dpbench.training.distributed import free_port
 
     bad = [v for v in variants if v not in MECHANISM_VARIANTS["data_parallel"] + OVER_NOISING["data_parallel"]]
     if bad:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +24,11 @@ from dpbench.privacy.audit_bounds import (
     roc_curve,
     _check_confidence,
 )
+from dpbench.clipping import ClippingEngine
+from dpbench.privacy import accounting
+from dpbench.training.loop import resolve_device
+from dpbench.training.optimizer import DPOptimizer, LogicalBatching
+from dpbench.training.sampling import PoissonSampler, split_physical
 
 __all__ = [
     "VARIANTS",
@@ -131,7 +138,6 @@ class AuditTask:
         """A fresh copy of the audit model at theta_0 (same for every call)."""
         import torch
         import torch.nn as nn
-        from collections import OrderedDict
 
         torch_state = torch.random.get_rng_state()
         torch.manual_seed(self.seed + 1)
@@ -289,8 +295,6 @@ class MechanismAudit:
         if not self.fault:
             return self.claimed_epsilon
         if self.fault == "q_understated":
-            from dpbench.privacy import accounting
-
             return accounting.epsilon(self.noise_multiplier, self.sample_rate, self.steps, self.delta, accountant)
         return math.inf
 
@@ -310,8 +314,6 @@ def claimed_epsilon(target_epsilon: float, stated_sample_rate: float, steps: int
     """(noise multiplier, claimed epsilon): sigma calibrated by dpbench.privacy.accounting for the
     target at the STATED sampling rate, and the epsilon the accountant reports for it.
     Cached: every variant at one target shares the calibration."""
-    from dpbench.privacy import accounting
-
     sigma = accounting.noise_multiplier(target_epsilon, stated_sample_rate, steps, delta=delta, accountant=accountant)
     return sigma, accounting.epsilon(sigma, stated_sample_rate, steps, delta=delta, accountant=accountant)
 
@@ -358,13 +360,8 @@ def audit_mechanism(
     contribution (lr C / E[B]). Input canary: "loss_drop" = canary loss at theta_0 minus at
     the final model.
     """
-    import time
-
     import torch
 
-    from dpbench.clipping import ClippingEngine
-    from dpbench.training.optimizer import DPOptimizer, LogicalBatching
-    from dpbench.training.sampling import PoissonSampler, split_physical
 
     method, fault = _parse_variant(variant)
     if int(trials) < 2:
@@ -373,7 +370,6 @@ def audit_mechanism(
         raise UserError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
     if understate_factor <= 1:
         raise UserError(f"understate_factor must be > 1 (stated q = q / factor), got {understate_factor!r}")
-    from dpbench.training.loop import resolve_device
 
     device = resolve_device(device)  # a missing GPU is an error, never a quiet CPU run
     task = AuditTask(canary, n_clean=n_clean, max_grad_norm=max_grad_norm, seed=seed, device=device)
