@@ -289,3 +289,13 @@ def test_notebook_01_figures_pass_the_figure_check(tmp_path):
         assert check_figure(f) == []
         rec.figure(f, f"fig{i}")
     plt.close("all")
+
+
+def test_the_default_paper_values_are_found_and_name_the_bench_claims():
+    claims = cx.load_paper_values()  # the checkout's references/paper_values.csv
+    assert {"C-slowdown-max", "C-memory-overhead-max", "C-ghost-instantiate-crossover"} <= set(claims)
+
+
+def test_missing_paper_values_are_an_error_not_an_empty_table(tmp_path):
+    with pytest.raises(UserError, match="paper values not found"):
+        cx.load_paper_values(tmp_path / "nope.csv")

@@ -222,6 +222,14 @@ def test_source_hash_tracks_python_files(tmp_path):
     assert runner.provenance.source_hash(tmp_path) != h
 
 
+def test_source_hash_covers_every_layer_of_the_package():
+    """The cache key must change when any layer changes, not only the workbench."""
+    root = runner.provenance.package_dir()
+    assert (root / "__init__.py").is_file()
+    for layer in ("workbench", "experiments", "training", "clipping", "privacy"):
+        assert (root / layer / "__init__.py").is_file(), layer
+
+
 # ---------------------------------------------------------------- real executions
 
 

@@ -330,10 +330,14 @@ PAPER_RESOLUTION = 32  # CIFAR-10
 
 
 def load_paper_values(path=None) -> dict[str, dict[str, Any]]:
-    """Rows of references/paper_values.csv keyed by claim_id (value as float or None)."""
-    path = Path(path) if path else Path(__file__).resolve().parents[1] / "references" / "paper_values.csv"
+    """Rows of references/paper_values.csv keyed by claim_id (value as float or None).
+
+    Default: the checkout's references/paper_values.csv (this module is
+    dpbench/experiments/, two levels below the repository root)."""
+    path = Path(path) if path else Path(__file__).resolve().parents[2] / "references" / "paper_values.csv"
     if not path.is_file():
-        return {}
+        # Without it no row could carry its claim id; never drop the tags silently.
+        raise UserError(f"paper values not found at {path}; pass path= to references/paper_values.csv")
     out = {}
     with open(path, newline="") as fh:
         for r in csv.DictReader(fh):

@@ -64,8 +64,9 @@ def sha256_json(obj: Any) -> str:
 
 
 def package_dir() -> Path:
-    """The folder of the dpbench package that is actually imported."""
-    return Path(__file__).resolve().parent
+    """The folder of the dpbench package that is actually imported (this module sits one
+    layer down, in dpbench/workbench/)."""
+    return Path(__file__).resolve().parents[1]
 
 
 def source_hash(root: str | os.PathLike | None = None) -> str:
