@@ -18,7 +18,7 @@ from dpbench.errors import UserError
 from dpbench.experiments import last_layer_features as llf
 from dpbench.training import features as F
 from dpbench.training import linear as L
-from dpbench.workbench.results import Recorder
+from dpbench.workbench.results import Recorder, check_figure
 
 INF = math.inf
 
@@ -213,6 +213,19 @@ def test_sweep_runs_the_solvers_end_to_end(tmp_path):
     assert len(frame) == 6 + 2 * 4
     for fig in (llf.plot_accuracy_vs_epsilon(df, ["least_squares", "dp_sgd"], "t", delta=1e-5),):
         assert fig.axes
+
+
+def test_real_features_sweep_tags_the_backbone_and_records_accuracy_rows(tmp_path):
+    task = llf.synthetic_task(400, 8, 3, n_test=200, n_public=100, separation=1.0, label_noise=0.0, seed=0)
+    task.backbone, task.backbone_source = "small_cnn", "public"
+    rec = Recorder(tmp_path, experiment="t", delta=1e-5)
+    df, fig = llf.real_features_sweep(task, "digits", rec, methods=["least_squares"], epsilons=[1.0],
+                                      settings=llf.SolverConfig().settings(task.n_private), delta=1e-5,
+                                      seeds=[0], conversion="pld")
+    assert set(df.dataset) == {"digits"} and set(df.backbone_source) == {"public"}
+    frame = rec.frame()
+    assert len(frame) == len(df) and frame.metric.eq("test_accuracy").any()  # accuracy rows only
+    assert fig.axes and not check_figure(fig)
 
 
 # ------------------------------------------------------------------------------ backbones

@@ -164,3 +164,18 @@ def test_curvature_trajectory_replays_the_run_prefix(split_arms):
     rec = Rec()
     traj = pp.curvature_trajectory(arms, 0, 8.0, 0.01, [0, 3], rec, n_examples=32, n_probes=2)
     assert [t["step"] for t in traj] == [0, 3] and all(math.isfinite(t["tr_h"]) for t in traj)
+
+
+def test_reset_and_curvature_figures_pass_the_figure_check_and_differences_are_to_reset_m():
+    import pandas as pd
+
+    from dpbench.workbench.results import check_figure
+
+    rows = [{"seed": s, "reset": r, "test_loss": 1.0 + 0.1 * i + 0.01 * s} for s in range(3)
+            for i, r in enumerate(pp.RESETS)]
+    fig, diff = pp.plot_reset_ablation(pd.DataFrame(rows))
+    assert not check_figure(fig)
+    assert list(diff.columns) == [r for r in sorted(pp.RESETS) if r != "m"]
+    assert diff.loc["mean", "v"] == pytest.approx(0.1) and diff.loc["mean", "none"] == pytest.approx(0.3)
+    traj = pd.DataFrame({"step": [0, 5, 10], "tr_h": [3.0, 9.0, 4.0]})
+    assert not check_figure(pp.plot_curvature_trajectory(traj, 8.0, 0))

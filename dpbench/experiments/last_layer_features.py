@@ -518,3 +518,17 @@ def plot_init_ablation(df, epsilons: Sequence[float]):
     return fig
 
 
+
+
+def real_features_sweep(task: FeatureTask, dataset: str, rec, *, methods: Sequence[str], epsilons: Sequence[float],
+                        settings: dict[str, dict[str, Any]], delta: float, **run: Any):
+    """Every solver on one real data set's features at each epsilon: the sweep's rows (with
+    dataset, backbone and where the backbone came from) are recorded in `rec`; returns
+    (the sweep DataFrame, its accuracy-vs-epsilon figure)."""
+    df = sweep(task, methods=methods, epsilons=epsilons, settings=settings, delta=delta, **run)
+    df["dataset"], df["backbone"], df["backbone_source"] = dataset, task.backbone, task.backbone_source
+    record(rec, sweep_metrics(df, f"{dataset}:{task.backbone}:{task.backbone_source}", accounting=False))
+    fig = plot_accuracy_vs_epsilon(
+        df, methods, f"{dataset} features ({task.backbone}, {task.backbone_source}): n_private={task.n_private}",
+        delta=delta)
+    return df, fig

@@ -533,3 +533,34 @@ def reset_claim(arms: Arms, seeds: Sequence[int], epsilon: float, lr: float, tes
                     setting=f"{arms.dataset}, {arms.model_name}, switch at {arms.switch_step} of {arms.steps} steps")
     return out
 
+
+
+def plot_curvature_trajectory(traj, epsilon: float, seed: int):
+    """tr(H) (Hutchinson) against the only-private step, one seed; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(traj["step"], traj["tr_h"], marker="o")
+    ax.set_xlabel("only-private step")
+    ax.set_ylabel("tr(H) (Hutchinson)")
+    ax.set_title(f"tr(H) along only-private, ε = {epsilon:g}, seed {seed}")
+    return fig
+
+
+def plot_reset_ablation(resets):
+    """Test loss per optimizer-state reset (one column per reset in RESETS, a dot per seed,
+    mean ± 95% half-width in black) from `reset_claim` rows; returns (figure, the per-seed
+    differences to reset m summarised as mean and 95% half-width)."""
+    import matplotlib.pyplot as plt
+
+    wide = resets.pivot(index="seed", columns="reset", values="test_loss")
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for i, r in enumerate(RESETS):
+        ax.scatter(np.full(len(wide), i), wide[r], s=12, alpha=0.5)
+        ax.errorbar([i], [wide[r].mean()], yerr=[study_design.halfwidth(wide[r])], fmt="o", color="k", capsize=4)
+    ax.set_xticks(range(len(RESETS)), [f"reset {r}" for r in RESETS])
+    ax.set_xlabel("optimizer state reset at the switch")
+    ax.set_ylabel("test loss")
+    ax.set_title(f"reset at the switch: mean ± 95% half-width, {len(wide)} seeds")
+    differences = wide.drop(columns="m").sub(wide["m"], axis=0).agg(["mean", study_design.halfwidth])
+    return fig, differences
