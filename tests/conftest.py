@@ -129,3 +129,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class ListRecorder:
+    """A stand-in for `workbench.results.Recorder` in experiments tests: `add` collects tidy
+    rows (the one method the experiments call), `get` filters them by metric and columns."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, metric, value, **kw):
+        self.rows.append({"metric": metric, "value": value, **kw})
+
+    def get(self, metric, **match):
+        return [r for r in self.rows if r["metric"] == metric and all(r.get(k) == v for k, v in match.items())]

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import ListRecorder
+
 from dpbench.experiments import clipping_efficiency as cx
 from dpbench.errors import UserError
 from dpbench.training.bench import peak_extra_mb  # the one in-process probe, which the sweep uses
@@ -170,19 +172,6 @@ def test_paper_ratios_tables_and_tidy_rows(tmp_path):
     assert cid[("bk", "step_time_s", "layer")] == ""
 
 
-class _ListRecorder:
-    """The one Recorder method the experiments call, without the workbench layer."""
-
-    def __init__(self):
-        self.rows = []
-
-    def add(self, metric, value, **kw):
-        self.rows.append({"metric": metric, "value": value, **kw})
-
-    def get(self, metric, **match):
-        return [r for r in self.rows if r["metric"] == metric and all(r.get(k) == v for k, v in match.items())]
-
-
 def _xrow(size, method, status="ok", time_s=0.1, mem_mb=1.0, reason=""):
     return {"size": size, "method": method, "T": size * size, "D": 36, "p": 4, "batch_size": 2, "time_s": time_s,
             "mem_mb": mem_mb, "status": status, "reason": reason}
@@ -192,7 +181,7 @@ def test_crossover_rows_keep_every_cell_and_tag_the_claim():
     rows = [_xrow(6, "ghost", mem_mb=None), _xrow(6, "instantiate"),
             _xrow(10, "ghost", "failed", None, None, "skipped: needs ~9 MB"), _xrow(10, "instantiate")]
     summary = {"max_rel_diff": 1e-7, "predicted_size": 5.5, "measured_size": 8.0, "measured_2T2_over_pD": 0.7}
-    rec = _ListRecorder()
+    rec = ListRecorder()
     cx.record_crossover(rec, rows, summary, {cx.CROSSOVER_CLAIM: {}}, seed=3, device="cpu")
     assert len(rec.get("norm_time_s")) == len(rec.get("norm_mem_mb")) == 4
     (unmeasured,) = rec.get("norm_mem_mb", size=6, method="ghost")
@@ -204,7 +193,7 @@ def test_crossover_rows_keep_every_cell_and_tag_the_claim():
     assert ratio["value"] == 0.7 and ratio["claim_id"] == cx.CROSSOVER_CLAIM and ratio["seed"] == 3
     assert rec.get("crossover_size_predicted")[0]["value"] == 5.5
 
-    rec = _ListRecorder()  # no crossover inside the sizes, and no paper values: failed rows, no claim id
+    rec = ListRecorder()  # no crossover inside the sizes, and no paper values: failed rows, no claim id
     cx.record_crossover(rec, rows, {**summary, "measured_size": None, "max_rel_diff": None}, {})
     (ratio,) = rec.get("crossover_2T2_over_pD_measured")
     assert ratio["status"] == "failed" and ratio["reason"] == cx.NO_CROSSOVER and ratio["claim_id"] == ""
@@ -212,7 +201,7 @@ def test_crossover_rows_keep_every_cell_and_tag_the_claim():
 
 
 def test_model_layer_decisions_count_layers_and_record_a_refused_model():
-    rec = _ListRecorder()
+    rec = ListRecorder()
     rows = cx.model_layer_decisions(rec, ["tiny_cnn@16:8", "no_such_model_xyz@8:2"])
     assert {r["model"] for r in rows} == {"tiny_cnn"}
     (bad,) = rec.get("layers_ghost", model="no_such_model_xyz")

@@ -9,23 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import ListRecorder
+
 from dpbench.errors import UserError
 from dpbench.experiments import groupwise_clipping as gw
 from dpbench.experiments import study_design
 from dpbench.models import create_model
-
-
-class ListRecorder:
-    """The one Recorder method the experiments call, without the workbench layer."""
-
-    def __init__(self):
-        self.rows = []
-
-    def add(self, metric, value, **kw):
-        self.rows.append({"metric": metric, "value": value, **kw})
-
-    def get(self, metric, **match):
-        return [r for r in self.rows if r["metric"] == metric and all(r.get(k) == v for k, v in match.items())]
 
 
 def test_parse_arm_settings_and_bad_names():

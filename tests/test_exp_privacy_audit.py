@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 
+from conftest import ListRecorder
+
 from dpbench.experiments import privacy_audit as pa
 from dpbench.workbench.results import Recorder
 
@@ -56,23 +58,15 @@ def test_score_agreement_between_correct_methods(audited):
     assert pa.max_score_diff_vs_bk(list(audits) + [shifted]) == pytest.approx(0.25)
 
 
-class _Rec:
-    def __init__(self):
-        self.rows = []
-
-    def add(self, metric, value, **kw):
-        self.rows.append(dict(metric=metric, value=value, **kw))
-
-
 def test_explain_is_computed_from_the_rows(audited):
     audits, rows = audited
-    rec = _Rec()
+    rec = ListRecorder()
     text = pa.explain(audits, rows, confidence=0.95, delta=1e-5, seed=0, rec=rec)
     assert "**Clipping methods:**" in text and f"{8 * 60} trials" in text and "**no_noise**" in text
     assert [r["metric"] for r in rec.rows] == ["max_score_diff_vs_bk"]
     assert rec.rows[0]["method"] == "correct/bk" and rec.rows[0]["canary"] == "gradient"
     no_bk = [i for i, a in enumerate(audits) if a.variant != "correct/bk"]
-    rec = _Rec()
+    rec = ListRecorder()
     text = pa.explain([audits[i] for i in no_bk], [rows[i] for i in no_bk], confidence=0.95, delta=1e-5, seed=0,
                       rec=rec)
     assert "Clipping methods" not in text and not rec.rows
@@ -123,7 +117,7 @@ def test_mechanism_table_and_explanation_are_computed_from_the_rows(tmp_path):
     assert "1 of 1 have their audited bound at or below the claim" in text
     assert "**data_parallel/no_rank_noise**" in text and "**detected**" in text
     assert "Chua et al." in text and "to pass the claim" in text
-    rec = _Rec()
+    rec = ListRecorder()
     assert pa.record_mechanisms(rec, rows, seed=2) == len(rows) * len(pa.MECHANISM_METRICS)
     assert {r["audit_status"] for r in rec.rows} == {"sound", "detected", "no gap", "not detected"}
     path = pa.save_mechanism_table(rows, str(tmp_path))

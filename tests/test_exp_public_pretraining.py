@@ -9,24 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import ListRecorder
+
 from dpbench.errors import UserError
 from dpbench.experiments import public_pretraining as pp
 from dpbench.experiments import study_design
 from dpbench.models import create_model
 from dpbench.privacy import accounting
-
-
-class Rec:
-    """A stand-in recorder: `add` collects rows."""
-
-    def __init__(self):
-        self.rows = []
-
-    def add(self, metric, value, **kw):
-        self.rows.append({"metric": metric, "value": value, **kw})
-
-    def of(self, metric, **match):
-        return [r for r in self.rows if r["metric"] == metric and all(r.get(k) == v for k, v in match.items())]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +37,7 @@ def test_prepare_splits_every_fraction(arms):
 
 
 def test_noise_scale_rows(arms):
-    rec = Rec()
+    rec = ListRecorder()
     rows = pp.noise_scale(arms, rec, seed=0)
     by = {r["schedule"]: r for r in rows}
     assert by["only_private"]["private_steps"] == 6 and by["sequential"]["private_steps"] == 4
@@ -57,7 +46,7 @@ def test_noise_scale_rows(arms):
         assert accounting.epsilon(r["sigma"], q, r["private_steps"], delta=arms.delta) == pytest.approx(2.0, rel=0.01)
         assert r["sigma*sqrt(d)/B"] == pytest.approx(r["sigma"] * arms.num_params ** 0.5 / 64)
     assert by["sequential"]["sigma"] < by["only_private"]["sigma"]  # fewer private steps, less noise
-    assert len(rec.of("noise_scale")) == 2 and len(rec.of("n_times_epsilon")) == 2
+    assert len(rec.get("noise_scale")) == 2 and len(rec.get("n_times_epsilon")) == 2
 
 
 def _stub(acc, loss=1.0, eps=2.0, sigma=1.5, steps=4):
@@ -70,15 +59,15 @@ def test_improvement_vs_batch_rows(arms):
     arms.runs[("only_private", 0)] = _stub(0.5, steps=6)
     torch.manual_seed(1)
     public = create_model(**arms.model_spec)
-    rec = Rec()
+    rec = ListRecorder()
     fig5 = pp.improvement_vs_batch(arms, public, rec, batch_grid=[4, 64, 100000], diag_examples=32, diag_probes=2,
                                    diag_var_samples=4, diag_accountant="gdp_clt", seed=0)
     assert fig5.grid.tolist() == [4.0, 64.0]  # batches above the private set's size are dropped
     assert fig5.n_examples == 32 and fig5.epochs == pytest.approx(6 * 64 / arms.data.n_private)
     assert [imp.label for imp in fig5.improvements] == ["initialisation", "public checkpoint"]
     for k in ("signal", "sampling", "noise"):
-        assert len(rec.of(f"term_{k}")) == 2 * 2
-    assert len(rec.of("optimal_batch_size")) == 4 and len(rec.of("diag_tr_h")) == 4
+        assert len(rec.get(f"term_{k}")) == 2 * 2
+    assert len(rec.get("optimal_batch_size")) == 4 and len(rec.get("diag_tr_h")) == 4
     # sigma(B) reaches the target at each B for the same number of epochs
     n = arms.data.n_private
     for b, s in zip(fig5.grid, fig5.sigma):
@@ -125,7 +114,7 @@ def test_public_checkpoint_model_has_every_subset_notebook_04_names(split_arms):
 def test_tuning_is_equal_and_verdict_runs_use_the_test_set_once(split_arms):
     arms, test = split_arms
     arms.runs.clear()
-    rec = Rec()
+    rec = ListRecorder()
     scheds = ["only_private", "only_public", "sequential"]
     tun = pp.tune_schedules(arms, scheds, [8.0], [0.01, 0.03], [50, 51], rec)
     assert tun[8.0].budget() == {s: 4 for s in scheds}
@@ -144,24 +133,24 @@ def test_tuning_is_equal_and_verdict_runs_use_the_test_set_once(split_arms):
     comps = {pp.CLAIM_PUBLIC: ("sequential", "only_public"), pp.CLAIM_SCRATCH: ("sequential", "only_private")}
     pp.record_comparisons(rec, final, comps, 8.0, 0.1, "tiny")
     pp.record_comparisons(rec, final, comps, 1.0, 0.1, "tiny", tag=False)
-    tagged = rec.of("test_acc_difference", claim_id=pp.CLAIM_PUBLIC)
+    tagged = rec.get("test_acc_difference", claim_id=pp.CLAIM_PUBLIC)
     assert len(tagged) == 2 and all(r["epsilon"] == 8.0 for r in tagged)
-    assert len([r for r in rec.of("test_acc_difference") if "claim_id" not in r]) == 4
-    head = rec.of("final_test_acc_percent", claim_id="A-imagenet11k-eps8")
+    assert len([r for r in rec.get("test_acc_difference") if "claim_id" not in r]) == 4
+    head = rec.get("final_test_acc_percent", claim_id="A-imagenet11k-eps8")
     assert len(head) == 1 and head[0]["comparison"] == "analogue" and head[0]["epsilon"] == 8.0
     cv = pp.curvature_claim(arms, [0, 1], 8.0, 0.01, rec, n_examples=32, n_probes=2)
     assert {(r["seed"], r["when"]) for r in cv} == {(s, w) for s in (0, 1) for w in ("early", "late")}
-    assert len(rec.of("trace_hessian", claim_id=pp.CLAIM_CURVATURE)) == 4
+    assert len(rec.get("trace_hessian", claim_id=pp.CLAIM_CURVATURE)) == 4
     resets = pp.reset_claim(arms, [0, 1], 8.0, 0.01, held, rec, final)
     assert {r["reset"] for r in resets} == set(pp.RESETS)
-    rows = rec.of("final_test_loss", claim_id=pp.CLAIM_RESET)
+    rows = rec.get("final_test_loss", claim_id=pp.CLAIM_RESET)
     assert {r["method"] for r in rows} == {f"reset_{r}" for r in pp.RESETS} and len(rows) == 8
     assert len(held.used) == 10 + 2 * 3  # reset m reuses the verdict's sequential run
 
 
 def test_curvature_trajectory_replays_the_run_prefix(split_arms):
     arms, _ = split_arms
-    rec = Rec()
+    rec = ListRecorder()
     traj = pp.curvature_trajectory(arms, 0, 8.0, 0.01, [0, 3], rec, n_examples=32, n_probes=2)
     assert [t["step"] for t in traj] == [0, 3] and all(math.isfinite(t["tr_h"]) for t in traj)
 

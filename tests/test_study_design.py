@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ListRecorder
+
 from dpbench.errors import UserError
 from dpbench.experiments import study_design as sd
 
@@ -50,16 +52,9 @@ def test_tune_gives_every_arm_the_same_grid_and_seeds_and_picks_the_best_mean():
 
 
 def test_tune_records_validation_rows_and_rejects_a_repeated_grid_value():
-    class Rec:
-        def __init__(self):
-            self.rows = []
-
-        def add(self, metric, value, **cols):
-            self.rows.append((metric, value, cols))
-
-    rec = Rec()
+    rec = ListRecorder()
     sd.tune(["a"], [1, 2, 3], lambda a, v, s: v, seeds=[5], rec=rec, epsilon=2.0)
-    assert len(rec.rows) == 3 and all(c["split"] == "validation" and c["epsilon"] == 2.0 for _, _, c in rec.rows)
+    assert len(rec.rows) == 3 and all(r["split"] == "validation" and r["epsilon"] == 2.0 for r in rec.rows)
     with pytest.raises(UserError):
         sd.tune(["a"], [1, 1, 2], lambda a, v, s: v, seeds=[0])
 
