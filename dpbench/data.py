@@ -133,7 +133,10 @@ def load_dataset(name: str, split: str = "train", data_root=None, download=None,
         )
     mean = kw.pop("mean", None)
     std = kw.pop("std", None)
-    ds = spec.loader(split=split, data_root=data_root, download=download, **kw)
+    if spec.required_files is not None and os.environ.get(STANDIN_ENV, "") == "1":
+        ds = _standin(name, split, **kw)
+    else:
+        ds = spec.loader(split=split, data_root=data_root, download=download, **kw)
     if mean is not None or std is not None:
         ds = ds._with_stats(mean if mean is not None else ds.mean, std if std is not None else ds.std)
     return ds
@@ -148,7 +151,7 @@ def check_available(name: str, data_root=None, split: str | None = None, downloa
     folder searched (None for bundled/synthetic data).
     """
     spec = _spec(name)
-    if spec.required_files is None:
+    if spec.required_files is None or os.environ.get(STANDIN_ENV, "") == "1":
         return None
     root = _resolve_root(data_root)
     splits = [split] if split else [s for s in spec.splits if s in ("train", "test")]
@@ -515,6 +518,26 @@ def _load_synthetic(
         std=(sd,) * c,
         scale=1.0,
     )
+
+
+# --------------------------------------------------------------------------- dry-run stand-ins
+
+# `dpbench run NB --profile gpu --dry-run` sets this: every file-backed set (torchvision,
+# image folders) is then replaced by a small synthetic set of the real name, shape and class
+# count, so the gpu code path runs on the CPU without the real files (their checksums cannot
+# be faked). Never set in a real run; the data set's `source` says "stand-in".
+STANDIN_ENV = "DPBENCH_STANDIN_DATA"
+_STANDIN_SHAPES = {"mnist": ((1, 28, 28), 10), "fashion_mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10),
+                   "cifar100": ((3, 32, 32), 100), "svhn": ((3, 32, 32), 10)}
+
+
+def _standin(name: str, split: str, image_size: int = 32, **_) -> "ImageDataset":
+    """A synthetic stand-in for file-backed data set `name` (see STANDIN_ENV)."""
+    shape, k = _STANDIN_SHAPES.get(name, ((3, min(int(image_size), 32), min(int(image_size), 32)), 10))
+    n = max(4 * k, 256) if split == "train" else max(2 * k, 128)
+    ds = _load_synthetic(split, n=n, image_shape=shape, num_classes=k, seed=len(name))
+    ds.name, ds.source = name, f"stand-in for {name} (dry run): {ds.source}"
+    return ds
 
 
 # --------------------------------------------------------------------------- torchvision sets
