@@ -1,4 +1,4 @@
-"""`dpbench` command line: list, run, reproduce, report, compare, train, bench.
+"""`dpbench` command line: list, run, reproduce, report, compare, train, bench, prepare.
 
 Exit codes: 0 success, 1 a notebook failed, 2 bad input (`UserError`, one line on stderr,
 nothing in results/ changed).
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--force", action="store_true", help="rerun even if an identical ok run exists")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--dry-run", action="store_true",
+                     help="run the profile's code path at toy size on the CPU (stand-in data, random weights) "
+                          "into results/dryrun/; lists what the CPU cannot exercise")
     _download(run)
 
     rep = sub.add_parser("reproduce", help="run every notebook of a profile, in dependency order")
@@ -69,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     _train_arguments(train)
 
     sub.add_parser("bench", help="speed and memory benchmark (see `dpbench bench --help`)", add_help=False)
+
+    prep = sub.add_parser("prepare", help="download and verify the data sets and pretrained weights a profile needs")
+    from dpbench.workbench.prepare import add_cli_arguments as _prepare_arguments  # argparse only at import
+
+    _prepare_arguments(prep)
     return parser
 
 
@@ -128,6 +136,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             return _list()
         if args.command == "run":
+        if args.command == "run" and args.dry_run:
+            from dpbench.workbench import dryrun
+
+            if args.param:
+                raise UserError("--dry-run takes no -p overrides: it derives its parameters from the profile "
+                                f"(add params/{args.notebook}/{args.profile}-dryrun.yaml to change them)")
+            return _finish(dryrun.run([args.notebook], args.profile, progress=not args.no_progress))
+        if args.command == "prepare":
+            from dpbench.workbench import prepare
+
+            return prepare.cli(args)
             return _finish(scheduling.run_notebook(args.notebook, args.profile, args.param, force=args.force,
                                                progress=not args.no_progress))
         if args.command == "reproduce":

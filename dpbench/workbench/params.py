@@ -232,6 +232,7 @@ class RunSpec:
     def device(self) -> str:
         return str(self.params.get("device", "cpu"))
 
+    dry_run: dict[str, Any] | None = None  # set by dpbench.workbench.dryrun: what changed, what is not exercised
 
 def resolve(
     repo: str | os.PathLike,
@@ -352,3 +353,50 @@ def preflight(spec: RunSpec) -> None:
     """Everything checked before a kernel starts (parameters were checked by `resolve`)."""
     check_device(spec)
     check_datasets(spec)
+def weight_names(params: dict[str, Any]) -> list[str]:
+    """timm model names whose pretrained (hub) weights a run asks for, by the notebooks'
+    conventions: `backbone: hub` loads `public_model`'s hub weights; a `backbone` whose
+    `backbone_prefer` starts with "timm" wants that model's hub weights; `pretrained: true`
+    (or `*_pretrained: true`) wants the weights of `model_name` (or the matching `*_model`);
+    `pretrained_model(s)` / `hub_model(s)` name them directly."""
+    names: list[str] = []
+
+    def add(value: Any) -> None:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, str) and v and v not in names:
+                names.append(v)
+
+    if params.get("backbone") == "hub":
+        add(params.get("public_model"))
+    prefer = params.get("backbone_prefer")
+    if isinstance(prefer, (list, tuple)) and prefer and prefer[0] == "timm" and params.get("backbone") not in ("", "pixels", None):
+        add(params.get("backbone"))
+    for key, value in params.items():
+        if value is True and (key == "pretrained" or key.endswith("_pretrained")):
+            stem = key[: -len("_pretrained")] if key != "pretrained" else ""
+            add(params.get(f"{stem}_model") or params.get(f"{stem}_model_name") if stem else params.get("model_name"))
+        if key in ("pretrained_model", "pretrained_models", "hub_model", "hub_models") or key.endswith("_hub_model"):
+            add(value)
+    return names
+
+
+def check_weights(spec: RunSpec) -> None:
+    """Refuse a run whose pretrained weights are not in the local timm / Hugging Face cache,
+    unless downloading is enabled (`--download`): one line naming the weights, where they
+    were looked for, and `dpbench prepare`."""
+    names = weight_names(spec.params)
+    if not names or os.environ.get("DPBENCH_DOWNLOAD", "0").strip() == "1":
+        return
+    from dpbench.workbench import prepare  # imports timm's registry; only when weights are named
+
+    for name in names:
+        where = prepare.weights_path(name)
+        if where.path is None:
+            raise UserError(
+                f"{spec.notebook}: pretrained weights {name} ({where.source}) are not in the local cache "
+                f"({where.cache}); run `dpbench prepare --profile {spec.profile}` (with network), or --download, "
+                f"or choose other weights (e.g. -p backbone_prefer '[checkpoint, public]')"
+            )
+
+
+    check_weights(spec)

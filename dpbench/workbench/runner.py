@@ -35,6 +35,7 @@ ROOT_ENV = "DPBENCH_ROOT"
 # results/gpu/ is committed and must only ever hold runs on CUDA: a gpu profile that runs
 # without CUDA (device: auto on a CPU machine) writes under this root instead.
 GPU_WITHOUT_CUDA_DIR = "gpu-profile-on-cpu"
+DRYRUN_DIR = "dryrun"  # `dpbench run NB --profile gpu --dry-run` (dpbench.workbench.dryrun)
 
 
 # --------------------------------------------------------------------------- locations
@@ -123,9 +124,10 @@ class Runner:
     """Runs notebooks of one repository, with one results root."""
 
     def __init__(self, repo: str | os.PathLike | None = None, results: str | os.PathLike | None = None,
-                 progress: bool = True, out=None):
+                 progress: bool = True, out=None, dry_run: bool = False):
         self.repo = Path(repo).resolve() if repo else find_repo()
         self.results = Path(results) if results else results_root(self.repo)
+        self.dry_run = dry_run  # `--dry-run`: everything goes under results/dryrun/
         self.progress = progress
         self.out = out or sys.stderr
         self._env: dict[str, Any] | None = None
@@ -135,7 +137,10 @@ class Runner:
     def root_for(self, profile: str) -> Path:
         """The results root of `profile`: `results/`, except for the gpu profile on a
         machine without CUDA, which goes to `results/gpu-profile-on-cpu/` so that
-        `results/gpu/` only ever holds runs on CUDA."""
+        `results/gpu/` only ever holds runs on CUDA. A dry run (`--dry-run`) always writes
+        under `results/dryrun/`."""
+        if self.dry_run:
+            return self.results / DRYRUN_DIR
         if profile == "gpu" and not params.cuda_available():
             return self.results / GPU_WITHOUT_CUDA_DIR
         return self.results
@@ -198,14 +203,16 @@ class Runner:
         from traitlets.config import Config
 
         root = self.root_for(spec.profile)
-        if root != self.results:
+        if self.dry_run:
+            self._say(f"{spec.notebook} [{spec.profile}]: dry run at toy size on the CPU -> {root / spec.profile}")
+        elif root != self.results:
             self._say(f"{spec.notebook} [{spec.profile}]: no CUDA device, so this gpu-profile run goes to "
                       f"{root / spec.profile}, never to results/gpu/ (which holds runs on CUDA only)")
         profile_dir = root / spec.profile
         profile_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{spec.notebook}-", dir=profile_dir))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; results are ordinary files
-        params = dict(spec.params, output_dir=str(tmp))
+        nb_params = dict(spec.params, output_dir=str(tmp))
         kernel = kernel_name()
         started, t0 = provenance.now_iso(), time.perf_counter()
         error = None
@@ -217,7 +224,7 @@ class Runner:
             pm.execute_notebook(
                 str(spec.nb_path),
                 str(tmp / "executed.ipynb"),
-                parameters=params,
+                parameters=nb_params,
                 kernel_name=kernel,
                 progress_bar=self.progress,
                 cwd=str(spec.nb_path.parent),
@@ -258,6 +265,8 @@ class Runner:
         )
         # The notebook wrote into a temporary folder that is renamed into place; record both.
         manifest["run_dir"] = str(final)
+        if spec.dry_run is not None:
+            manifest["dry_run"] = spec.dry_run
         manifest["executed_in"] = str(tmp)
         write_json_atomic(tmp / "manifest.json", manifest)
         swap_in(tmp, final)

@@ -1,0 +1,288 @@
+"""`dpbench run NB --profile gpu --dry-run`: a notebook's gpu code path at toy size on the CPU.
+
+`dryrun_params` maps a profile's parameters to dry-run parameters by rules, so the dry run
+follows whatever the profile says:
+- code paths are kept: strings, booleans, dicts and lists of strings (models, methods, arms,
+  variants, data set names, backbones) come from the profile unchanged;
+- sizes shrink: a numeric size (steps, epochs, batches, seeds, repeats, examples, trials, n,
+  threads, ...) takes the smoke profile's value when that is smaller (the smoke profile is
+  known to run in seconds), else `SIZE_CAPS`; a numeric sweep keeps one value (the smoke
+  profile's list when shorter); image sizes are at most 32 px (`"model@224:64"` becomes
+  `"model@32:4"`);
+- device is "cpu";
+- `params/NB/<profile>-dryrun.yaml`, when present, is applied last (a notebook whose sizes
+  must stay consistent with each other says so there).
+A zero is never shrunk or raised (zero means "off" or "all" in these notebooks).
+
+The kernel runs with stand-ins, never the real files: data sets backed by files are replaced
+by small synthetic sets of the real name, shape and class count (`dpbench.data.STANDIN_ENV`;
+torchvision's md5 checks make fake files in the real format impossible), and every pretrained
+weight the profile names is a local file of random weights in a temporary Hugging Face cache,
+in the hub's layout, so the loading code is the real one (`HF_HUB_OFFLINE=1`, no network).
+CUDA is hidden. Results go to `results/dryrun/<profile>/NB`, never `results/gpu/`. What the
+CPU cannot exercise is printed and kept in the manifest (`dry_run.not_exercised`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from dpbench.errors import UserError
+from dpbench.workbench import params as P
+from dpbench.workbench.runner import DRYRUN_DIR, Runner
+from dpbench.workbench.scheduling import run_in_order, topological
+
+MAX_PX = 32
+TINY_BATCH = 32  # training batches at most this (physical chunks half of it, so chunking still happens)
+# Upper bounds for sizes the smoke profile does not bound (key pattern, cap).
+SIZE_CAPS = [(r"(^|_)batch(_size)?$|^max_physical_batch$", 16), (r"(^|_)(steps|epochs)$", 4),
+             (r"seeds$", 2), (r"(^|_)(repeats|warmup)$", 1), (r"(trials|canaries)$", 500),
+             (r"(^|_)n$|_n$|_(test|public|public_val)$|examples$", 512), (r"num_threads$", 1)]
+SIZE_KEY = re.compile(
+    r"(^|_)(steps|step|epochs|batch|batch_size|seeds|repeats|warmup|examples|probes|samples|trials|canaries|n|test|"
+    r"public|public_val|threads|pool_size|stages|dim|var_samples)$|^max_physical_batch$|^n_"
+)
+PX_KEY = re.compile(r"(^|_)(img_size|image_size|resize|px)$|^size$")
+MODEL_SPEC = re.compile(r"^(?P<name>[^@:]+)@(?P<px>\d+)(:(?P<batch>\d+))?$")  # notebook 01's "name@px:batch"
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _shrink_number(key: str, value, smoke) -> Any:
+    if value == 0:
+        return value
+    if PX_KEY.search(key):
+        return min(value, MAX_PX) if not _is_num(smoke) or smoke == 0 else min(value, max(smoke, 1), MAX_PX)
+    if not SIZE_KEY.search(key):
+        return value
+    if _is_num(smoke) and smoke > 0:
+        out = min(value, smoke)
+    else:
+        out = value
+        for pattern, cap in SIZE_CAPS:
+            if re.search(pattern, key):
+                out = min(out, cap)
+                break
+    if re.search(r"(^|_)batch_size$|^max_physical_batch$", key):
+        out = min(out, TINY_BATCH if key != "max_physical_batch" else TINY_BATCH // 2)
+    return type(value)(out) if isinstance(value, int) else float(out)
+
+
+def _family(spec: str) -> str:
+    """A model's family: its name without digits and size words (resnet18/resnet50 -> resnet)."""
+    name = spec.split("@", 1)[0]
+    return re.sub(r"\d+|(^|_)(tiny|small|base|large|huge)(?=_|$)", "", name)
+
+
+def _shrink_list(key: str, value: list, smoke) -> list:
+    if not value or not all(_is_num(v) for v in value):
+        out: list = []
+        for v in value:
+            v = _shrink_model(v) if isinstance(v, str) else v
+            # notebook 01's "name@px:batch" specs: one model per family and size is one code path
+            if isinstance(v, str) and MODEL_SPEC.match(v):
+                if any(isinstance(o, str) and _family(o) == _family(v) and o.split("@")[1] == v.split("@")[1] for o in out):
+                    continue
+            if v not in out:
+                out.append(v)
+        return out
+    if PX_KEY.search(key.rstrip("s")) or key.endswith("_sizes"):
+        small = sorted({min(v, MAX_PX) for v in value})
+        return small[:2]
+    if isinstance(smoke, list) and smoke and len(smoke) < len(value) and all(_is_num(v) for v in smoke):
+        return list(smoke)
+    return value[:1]
+
+
+def _shrink_model(spec: str) -> str:
+    m = MODEL_SPEC.match(spec)
+    if not m:
+        return spec
+    out = f"{m['name']}@{min(int(m['px']), MAX_PX)}"
+    return out + (f":{min(int(m['batch']), 4)}" if m["batch"] else "")
+
+
+def _folded(changes: dict[str, tuple[Any, Any]]) -> dict[str, list[str]]:
+    """Model specs of a sweep that the dry run folded into another of their family."""
+    out = {}
+    for key, (old, new) in changes.items():
+        if isinstance(old, list) and isinstance(new, list) and all(isinstance(v, str) and MODEL_SPEC.match(v) for v in old):
+            gone = [v for v in old if _shrink_model(v) not in new]
+            if gone:
+                out[key] = gone
+    return out
+
+
+def dryrun_params(gpu: dict[str, Any], smoke: dict[str, Any] | None = None,
+                  override: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """(dry-run parameters, {key: (profile value, dry-run value)} for every change) from a
+    profile's parameters, the smoke profile's (sizes known to be small) and the override file."""
+    smoke = smoke or {}
+    out: dict[str, Any] = {}
+    for key, value in gpu.items():
+        if key in P.META_KEYS:
+            continue
+        if key == "device":
+            new = "cpu"
+        elif _is_num(value):
+            new = _shrink_number(key, value, smoke.get(key))
+        elif isinstance(value, list):
+            new = _shrink_list(key, value, smoke.get(key))
+        elif isinstance(value, str):
+            new = _shrink_model(value)
+        else:
+            new = value
+        out[key] = new
+    out["device"] = "cpu"
+    out.update({k: v for k, v in (override or {}).items() if k not in P.META_KEYS})
+    changes = {k: (gpu.get(k), v) for k, v in out.items() if gpu.get(k) != v}
+    return out, changes
+
+
+def not_exercised(spec_params: dict[str, Any], profile_params: dict[str, Any], weights: list[str],
+                  datasets: list[str], exclusive: bool) -> list[str]:
+    """What the CPU dry run cannot exercise for this notebook (listed, never skipped silently)."""
+    device = str(profile_params.get("device", "cpu"))
+    notes = []
+    if device.startswith("cuda") or device == "auto":
+        notes.append("CUDA kernels and their numerics (cuDNN/TF32 convolutions, device placement on a GPU): ran on the CPU")
+    if exclusive or any(k in profile_params for k in ("repeats", "wall_repeats", "crossover_repeats")):
+        notes.append("GPU timings and memory peaks (torch.cuda.max_memory_allocated, cuda.synchronize): CPU timings instead")
+    if profile_params.get("max_batch"):
+        notes.append("largest batch under a CUDA memory cap (torch.cuda.set_per_process_memory_fraction): "
+                     "the bisection runs only in its unit test, against a fake out-of-memory error")
+    mech = " ".join(str(m) for m in profile_params.get("mechanisms", []) or [])
+    if "data_parallel" in mech or "pipeline" in mech:
+        notes.append("NCCL collectives (data-parallel and pipeline noise run over gloo on the CPU)")
+    if datasets:
+        notes.append("real data: " + ", ".join(datasets) + " replaced by synthetic stand-ins of the same name, shape "
+                     "and classes (accuracies are meaningless)")
+    if weights:
+        notes.append("pretrained weights: " + ", ".join(weights) + " replaced by local random weights in a temporary "
+                     "hub cache (the loading code is the real one)")
+    big = {k: v for k, v in profile_params.items() if PX_KEY.search(k) and _is_num(v) and v > MAX_PX}
+    big_models = [m for m in profile_params.get("models", []) or [] if isinstance(m, str) and MODEL_SPEC.match(m)
+                  and int(MODEL_SPEC.match(m)["px"]) > MAX_PX]
+    if big or big_models:
+        notes.append(f"images above {MAX_PX} px ({', '.join([f'{k}={v}' for k, v in big.items()] + big_models)}): "
+                     f"run at {MAX_PX} px")
+    return notes
+
+
+def resolve(repo: str | os.PathLike, notebook: str, profile: str = "gpu") -> P.RunSpec:
+    """The dry-run spec of `notebook`'s `profile`: resolved like a normal run (every key checked
+    against the parameters cell), then mapped by `dryrun_params`, then checked again."""
+    repo = Path(repo)
+    real = P.resolve(repo, notebook, profile)
+    nb = real.notebook
+    smoke_path = repo / "params" / nb / "smoke.yaml"
+    smoke = P.load_yaml(smoke_path) if smoke_path.is_file() else {}
+    override_path = repo / "params" / nb / f"{profile}-dryrun.yaml"
+    override = P.load_yaml(override_path) if override_path.is_file() else {}
+    user = {k: v for k, v in real.params.items() if k != "profile"}
+    dry, changes = dryrun_params(user, smoke, override)
+    # The same type and range checks as any run; strings go JSON-quoted so that "" stays "".
+    spec = P.resolve(repo, nb, profile, {k: json.dumps(v) if isinstance(v, str) else v for k, v in dry.items()})
+    names = P.dataset_names(spec.params)
+    from dpbench import data
+
+    file_backed = [n for n in names if (data.DATASETS.get(n.split(":", 1)[0]) or data.DATASETS["synthetic"]).required_files]
+    weights = P.weight_names(spec.params)
+    spec.dry_run = {
+        "from_profile": profile,
+        "override_file": str(override_path.relative_to(repo)) if override else None,
+        "changes": {k: {"profile": a, "dry_run": b} for k, (a, b) in changes.items()},
+        "stand_in_datasets": file_backed,
+        "random_weights": weights,
+        "not_exercised": not_exercised(spec.params, user, weights, file_backed, real.exclusive)
+        + [f"{k}: {', '.join(gone)} not run (each has a model of its family at {MAX_PX} px that runs)"
+           for k, gone in _folded(changes).items()]
+        + [f"{k}: {user.get(k)!r} of the profile, set to {v!r} by {override_path.relative_to(repo)}"
+           for k, v in override.items() if user.get(k) != v],
+    }
+    return spec
+
+
+@contextlib.contextmanager
+def environment(weights: list[str]) -> Iterator[Path]:
+    """The dry run's process environment: stand-in data, CUDA hidden, an offline hub cache in a
+    temporary folder holding random weights for `weights`. Restored afterwards."""
+    keys = ("DPBENCH_STANDIN_DATA", "CUDA_VISIBLE_DEVICES", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "DPBENCH_DOWNLOAD")
+    saved = {k: os.environ.get(k) for k in keys}
+    with tempfile.TemporaryDirectory(prefix="dpbench-dryrun-") as tmp:
+        cache = Path(tmp) / "hub"
+        os.environ.update({"DPBENCH_STANDIN_DATA": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_CACHE": str(cache),
+                           "HF_HUB_OFFLINE": "1", "DPBENCH_DOWNLOAD": "0"})
+        try:
+            for name in weights:
+                write_random_weights(name, cache)
+            yield cache
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def write_random_weights(name: str, cache: Path) -> Path:
+    """A safetensors file of timm `name`'s randomly initialised weights (its default config,
+    as the hub file would be), placed where the hub cache keeps the real one."""
+    import timm
+    from safetensors.torch import save_file
+
+    from dpbench.workbench.prepare import WEIGHT_FILES, _repo_folder, weights_source
+
+    source, _ = weights_source(name)
+    if source.startswith("http"):
+        raise UserError(f"dry run: {name}'s weights are not on the Hugging Face hub ({source}); "
+                        f"the dry run can stand in only for hub weights")
+    folder = cache / _repo_folder(source)
+    snap = folder / "snapshots" / "dryrun"
+    snap.mkdir(parents=True, exist_ok=True)
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text("dryrun")
+    model = timm.create_model(name, pretrained=False)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    path = snap / WEIGHT_FILES[0]
+    save_file(state, str(path))
+    return path
+
+
+def run(notebooks: list[str], profile: str = "gpu", *, repo=None, results=None, force: bool = True,
+        progress: bool = True, out=None):
+    """Dry-run `notebooks` (and any upstream they require) in dependency order; returns the
+    RunResults. Fails like a real run on any crash, shape error or missing key."""
+    if profile == DRYRUN_DIR:
+        raise UserError("--dry-run takes the profile to imitate, e.g. --profile gpu")
+    runner = Runner(repo, results, progress=progress, out=out, dry_run=True)
+    specs: dict[str, P.RunSpec] = {}
+
+    def visit(nb: str, chain: tuple[str, ...]) -> None:
+        if nb in chain:
+            raise UserError(f"dependency cycle in `requires`: {' -> '.join(chain + (nb,))}; break the cycle")
+        if nb in specs:
+            return
+        spec = resolve(runner.repo, nb, profile)
+        specs[spec.notebook] = spec
+        for up in spec.requires:
+            visit(up, chain + (spec.notebook,))
+
+    for nb in notebooks:
+        visit(P.check_notebook(runner.repo, nb).stem, ())
+    ordered = topological(specs)
+    weights = sorted({w for s in ordered for w in s.dry_run["random_weights"]})
+    with environment(weights):
+        for spec in ordered:
+            P.check_weights(spec)  # the random weights are in place: this is the real pre-flight
+            lines = spec.dry_run["not_exercised"] or ["(nothing: the CPU runs this notebook's whole gpu path)"]
+            runner._say(f"{spec.notebook} [{profile} dry run]: not exercised on the CPU:\n  - " + "\n  - ".join(lines))
+        return run_in_order(runner, ordered, force=force)
