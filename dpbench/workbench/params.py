@@ -227,12 +227,12 @@ class RunSpec:
     params: dict[str, Any]  # resolved, including profile/seed/device (output_dir added at run time)
     requires: list[str] = field(default_factory=list)
     exclusive: bool = False  # a timing notebook: `exclusive: true` in its params runs it alone
+    dry_run: dict[str, Any] | None = None  # set by dpbench.workbench.dryrun: what changed, what is not exercised
 
     @property
     def device(self) -> str:
         return str(self.params.get("device", "cpu"))
 
-    dry_run: dict[str, Any] | None = None  # set by dpbench.workbench.dryrun: what changed, what is not exercised
 
 def resolve(
     repo: str | os.PathLike,
@@ -349,10 +349,6 @@ def check_datasets(spec: RunSpec) -> None:
         data.check_available(name, root, **kw)
 
 
-def preflight(spec: RunSpec) -> None:
-    """Everything checked before a kernel starts (parameters were checked by `resolve`)."""
-    check_device(spec)
-    check_datasets(spec)
 def weight_names(params: dict[str, Any]) -> list[str]:
     """timm model names whose pretrained (hub) weights a run asks for, by the notebooks'
     conventions: `backbone: hub` loads `public_model`'s hub weights; a `backbone` whose
@@ -399,4 +395,8 @@ def check_weights(spec: RunSpec) -> None:
             )
 
 
+def preflight(spec: RunSpec) -> None:
+    """Everything checked before a kernel starts (parameters were checked by `resolve`)."""
+    check_device(spec)
+    check_datasets(spec)
     check_weights(spec)
