@@ -135,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["DPBENCH_DOWNLOAD"] = "1"  # seen by the pre-flight check and by every kernel
         if args.command == "list":
             return _list()
-        if args.command == "run":
         if args.command == "run" and args.dry_run:
             from dpbench.workbench import dryrun
 
@@ -147,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             from dpbench.workbench import prepare
 
             return prepare.cli(args)
+        if args.command == "run":
             return _finish(scheduling.run_notebook(args.notebook, args.profile, args.param, force=args.force,
                                                progress=not args.no_progress))
         if args.command == "reproduce":
