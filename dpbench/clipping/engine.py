@@ -71,7 +71,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import UserError
 from .clipfns import check_clip_fn, clip_factors
 from .grouping import STYLES, make_groups, resolve_thresholds, _check_positive
-from .rules import HALF, DirectParamsRule, find_rule, ghost_is_cheaper
+from .rules import CHUNK_BYTES, HALF, DirectParamsRule, check_forward, find_rule, ghost_is_cheaper
+from .tf32 import no_tf32
 
 METHODS = ("auto", "instantiate", "ghost", "mixed", "bk")
 ROOT = "<root>"
@@ -79,11 +80,41 @@ ROOT = "<root>"
 #: the flat style "recompute" (no stash; clipped sum by a second backward over such layers)
 RECOMPUTE = "recompute"
 _clock = time.perf_counter  # auto's timer (tests replace it)
+#: auto measures a rule on a layer only if its temporaries stay within this many times the
+#: layer's stashed A and G (or 1 MiB)
+MEASURE_SLACK = 8
+#: auto's choices per architecture and input shapes, shared by the engines of this process:
+#: {signature: {layer name: (method, pass2, measured, dims)}}. A new engine on the same model
+#: class, trainable layers, input shapes, batch-size bucket, style and budget reuses the
+#: choice instead of measuring again. clear_auto_cache() empties it.
+_AUTO_CACHE: dict[tuple, dict[str, tuple]] = {}
+
+
+def clear_auto_cache() -> None:
+    """Forget auto's cached per-layer choices (the next engine measures again)."""
+    _AUTO_CACHE.clear()
 
 
 def _subnormal_atol(p: torch.Tensor) -> float:
     """The error a float16 gradient of p may carry in norm from entries below float16's normal range."""
     return 6.1e-5 * math.sqrt(p.numel()) * 2 ** -10 if p.dtype == torch.float16 else 0.0
+
+
+def _only(module, hook):
+    """`hook`, run only when called on `module` itself.
+
+    copy.deepcopy (or copy.copy) of a model copies its hook dictionaries, and with them these
+    hooks, which still point at this engine: a copy's forward passes would store activations
+    in the engine's layers (they pile up, and corrupt its next backward). On a copy they do
+    nothing, so a copied model is a plain model; give it its own engine to clip it.
+    """
+
+    def run(mod, *args, **kwargs):
+        if mod is module:
+            return hook(mod, *args, **kwargs)
+        return None
+
+    return run
 
 
 class _Use:
@@ -369,6 +400,7 @@ class ClippingEngine:
             name = mname or ROOT
             rule_cls = find_rule(m)
             if rule_cls is not None:
+                check_forward(m, name)  # a subclass with its own forward needs its own rule
                 rule = rule_cls()
                 unknown = [n for n in own if n not in rule.param_names]
                 if unknown:
@@ -400,26 +432,26 @@ class ClippingEngine:
         for l in self._layers:
             m = l.module
             if l.kind == "direct":
-                self._handles.append(m.register_forward_pre_hook(
-                    lambda mod, args, kwargs, l=l: self._pre_direct(l, mod, args, kwargs), with_kwargs=True))
-                self._handles.append(m.register_forward_hook(
-                    lambda mod, args, out, l=l: self._post_direct(l, out), always_call=True))
+                self._handles.append(m.register_forward_pre_hook(_only(
+                    m, lambda mod, args, kwargs, l=l: self._pre_direct(l, mod, args, kwargs)), with_kwargs=True))
+                self._handles.append(m.register_forward_hook(_only(
+                    m, lambda mod, args, out, l=l: self._post_direct(l, out)), always_call=True))
                 # A child called without a tracked tensor cannot reach one: run it without the
                 # mode (a ViT's blocks would otherwise pay ~30 us of dispatch per op).
                 for child in m.children():
-                    self._handles.append(child.register_forward_pre_hook(
-                        lambda mod, args, kwargs, l=l: self._suspend(l, args, kwargs), with_kwargs=True))
-                    self._handles.append(child.register_forward_hook(
-                        lambda mod, args, out, l=l: self._resume(l), always_call=True))
+                    self._handles.append(child.register_forward_pre_hook(_only(
+                        child, lambda mod, args, kwargs, l=l: self._suspend(l, args, kwargs)), with_kwargs=True))
+                    self._handles.append(child.register_forward_hook(_only(
+                        child, lambda mod, args, out, l=l: self._resume(l)), always_call=True))
                 continue
-            self._handles.append(m.register_forward_pre_hook(
-                lambda mod, args, l=l: self._pre_capture(l, mod, args)))
-            self._handles.append(m.register_forward_hook(
-                lambda mod, args, out, l=l: self._fwd(l, mod, args, out)))
+            self._handles.append(m.register_forward_pre_hook(_only(
+                m, lambda mod, args, l=l: self._pre_capture(l, mod, args))))
+            self._handles.append(m.register_forward_hook(_only(
+                m, lambda mod, args, out, l=l: self._fwd(l, mod, args, out))))
         # The whole model: in-place changes are checked when its forward pass ends, and the
         # first step's inputs and outputs are kept for the per-sample self-check.
-        self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._root_post, always_call=True))
+        self._handles.append(self.model.register_forward_pre_hook(_only(self.model, self._root_pre), with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(_only(self.model, self._root_post), always_call=True))
 
     # ------------------------------------------------------------------ hooks
     def _pre_capture(self, l, mod, args):
@@ -608,11 +640,16 @@ class ClippingEngine:
             if not any(l.uses for l in self._layers):
                 raise UserError("no forward pass was recorded: call model(x) with gradients enabled, then "
                                 "engine.backward(losses)")
-            return self._backward(losses, B)
+            # TF32 stays off in the rules (tf32.py); on a step with a second backward or the
+            # self-checks, also in pass 1, so that every G they compare comes from one precision.
+            exact = self._two_pass or any(l.pass2 for l in self._layers) or (self.check and not self._checked)
+            with no_tf32() if exact else contextlib.nullcontext():
+                return self._backward(losses, B)
         finally:
             self._phase = 0
             for l in self._layers:
                 l.uses, l.stash, l.processed, l.pending, l.pre = [], None, False, None, None
+                l.rule.__dict__.pop("_kept", None)  # matrices a rule kept for a clipped sum not taken
                 self._restore(l) if l.kind == "direct" else None
             self._replay = []
             for p in self._params.values():
@@ -637,6 +674,13 @@ class ClippingEngine:
         self._check_sums = {} if checking else None
         self._check_sq = {} if checking else None
         total = losses.sum()
+        if self.method == "auto" and any(l.method is None and l.uses for l in self._layers):
+            self._auto_key = self._auto_signature(B)
+            cached = _AUTO_CACHE.get(self._auto_key)
+            if cached is not None:
+                for l in self._layers:
+                    if l.name in cached and l.method is None:
+                        l.method, l.pass2, l.measured, l.dims = cached[l.name]
         self._phase = 1
         recompute = any(l.pass2 for l in self._layers)
         if anchors:
@@ -655,12 +699,24 @@ class ClippingEngine:
             self._checked = True
         if self.method == "auto" and any(l.measured is not None and l.pass2 is None for l in self._layers):
             self._plan_auto()
+            if getattr(self, "_auto_key", None) is not None and not getattr(self, "_over_budget", False):
+                _AUTO_CACHE[self._auto_key] = {l.name: (l.method, l.pass2, l.measured, l.dims)
+                                               for l in self._layers if l.method is not None}
         if self._two_pass or recompute:
             c = self._coef["all"].to(device=losses.device, dtype=losses.dtype)
             params = [p for l in self._layers if self._in_pass2(l) and l.uses for p in l.params.values()]
             if params:
                 torch.autograd.backward((losses * c.detach()).sum(), inputs=params)
         return {g: self._sq[g].sqrt() for g in self._groups}
+
+    def _auto_signature(self, B):
+        """auto's cache key: model class, trainable layers with their input shapes, batch bucket, settings."""
+        layers = tuple((l.name, type(l.module).__qualname__, tuple(l.names), tuple(
+            (tuple(u.act.shape[1:]), str(u.act.dtype)) if isinstance(u.act, torch.Tensor) else None for u in l.uses))
+            for l in self._layers)
+        bucket = 1 << max(0, B - 1).bit_length()  # Poisson batches vary: one entry per power of two
+        return (type(self.model).__qualname__, layers, bucket, self.style, self.memory_budget, self.unclipped_layer,
+                torch.is_autocast_enabled("cpu"), next(iter(self._params.values())).device.type)
 
     def _in_pass2(self, l):
         return l.kind == "rule" and l.name != self.unclipped_layer and (self._two_pass or bool(l.pass2))
@@ -682,6 +738,7 @@ class ClippingEngine:
         T, D, p = dims
         return "ghost" if ghost_is_cheaper(T, D, p) else "instantiate"
 
+    @no_tf32()
     def _measure(self, l, acts, grads) -> dict:
         """{rule: (seconds, stashed bytes)}: norms and clipped sum of this layer, timed on this batch.
 
@@ -693,12 +750,19 @@ class ClippingEngine:
         out = {}
         cands = ["ghost", "instantiate"] if l.rule.ghost_capable else ["instantiate"]
         if l.rule.ghost_capable:
-            # Instantiation is not even tried where its per-sample gradients would take more
-            # than the budget or 4x ghost's stash (a ResNet's 512-channel convs: 600 MB at
-            # B = 64): measuring it would set the run's peak memory.
+            # A rule is not even tried where its temporaries would exceed the budget or
+            # MEASURE_SLACK x ghost's stash (and 1 MiB): measuring it would set the run's peak
+            # memory. Instantiation: a ResNet's 512-channel convs (600 MB at B = 64); ghost:
+            # the T x T products of a stem conv at T = 1024 (64 MiB chunks on the small CNN).
+            stash = nbytes([*acts, *grads])
+            cap = min(max(MEASURE_SLACK * stash, 1 << 20), self.memory_budget or math.inf)
             ps_bytes = self._B * sum(p.numel() * max(p.element_size(), 4) for p in l.params.values())
-            if ps_bytes > min(4 * nbytes([*acts, *grads]), self.memory_budget or math.inf):
+            if ps_bytes > cap:
                 cands.remove("instantiate")
+            T = l.dims[0] if l.dims else 0
+            ghost_bytes = min(self._B * 12 * T * T * getattr(l.module, "groups", 1), CHUNK_BYTES)
+            if ghost_bytes > cap and "instantiate" in cands:
+                cands.remove("ghost")
         for m in cands:
             best = math.inf
             for _ in range(2):  # the first run pays for allocations
@@ -742,6 +806,7 @@ class ClippingEngine:
                 m = min(("ghost", "instantiate"), key=lambda k: l.measured.get(k, (math.inf,))[0])
             l.method = m
 
+    @no_tf32()
     def _process(self, l: _Layer):
         l.processed = True
         l.max_uses = max(l.max_uses, len(l.uses))
@@ -795,6 +860,7 @@ class ClippingEngine:
             if l.processed and l.stash is not None and all(x in self._coef for x in l.groups):
                 self._emit(l)
 
+    @no_tf32()
     def _emit(self, l: _Layer):
         if l.stash is None:
             return
@@ -804,7 +870,8 @@ class ClippingEngine:
         for n in l.names:
             full = l.full[n]
             if full in self._group_of:
-                coef[n] = self._coef[self._group_of[full]]
+                # the group's factors live on its first device; this layer's gradients may not
+                coef[n] = self._coef[self._group_of[full]].to(l.params[n].device)
             else:
                 coef[n] = torch.ones(self._B, dtype=self._sq_dtype(), device=l.params[n].device)
         use_ps = ps if ps and all(n in ps for n in l.names) else None
@@ -816,7 +883,8 @@ class ClippingEngine:
                 if p.grad is None:
                     # Never a view: a later in-place change of .grad (zero_, a plain backward
                     # adding into it) would fail on a view created in no-grad mode.
-                    p.grad = s.clone() if s._is_view() else s
+                    # detach() gives a non-view alias (a clone cost a copy of every weight per step).
+                    p.grad = s.detach() if s._is_view() else s
                 else:
                     p.grad.add_(s)
 

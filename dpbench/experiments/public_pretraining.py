@@ -18,7 +18,6 @@ Rows are written through a recorder (anything with `add(metric, value, **columns
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 from dataclasses import dataclass, field, replace
@@ -167,7 +166,10 @@ class PublicCheckpointSaver:
         self.model: torch.nn.Module | None = None
 
     def __call__(self, model: torch.nn.Module, optimizer: Any) -> None:
-        self.model = copy.deepcopy(model).cpu()
+        # A fresh CPU model with the public-phase weights: a deep copy of `model` would carry the
+        # clipping engine's hooks (and, before they checked their module, fed the engine activations).
+        self.model = create_model(**self.arms.model_spec)
+        self.model.load_state_dict(model.state_dict())
         mixing.save_public_checkpoint(model, self.path, self.arms.data, model_spec=self.arms.model_spec,
                                       extra=self.extra)
 

@@ -1,0 +1,216 @@
+"""Every model a profile names is safe to clip (issue 18, deliverable 6).
+
+The model names are read from params/*/*.yaml when the test runs (model_name, models
+entries such as "resnet18@32:256", public_model, backbone, wall_model, ...), so a model
+added to a profile is checked without editing this file. Each is built at tiny size
+(32 px, random weights, batch 3; a ViT or VGG narrowed where its width alone would make
+the test slow: the layer types stay the same) and the engine's clipped sum is compared
+with a naive loop over samples, by two methods with different norm paths (ghost, bk).
+Also: subclasses of supported layers that override forward are refused, and timm's
+StdConv2d / GroupNormAct (BiT's ResNet-V2) are exact under every method.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from dpbench.clipping import ClippingEngine, register_rule
+from dpbench.clipping.rules import LinearRule, find_rule
+from dpbench.errors import UserError
+from dpbench.models import MODELS, create_model
+
+from test_clipping import METHODS, assert_close, naive_clipped, naive_per_sample
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+#: values of model-ish keys that say where a model comes from, not which one
+NOT_MODELS = {"auto", "upstream", "public", "hub", "checkpoint", "timm", "none", ""}
+
+
+def profile_models() -> dict[str, list[str]]:
+    """{model name: ["NN_name/profile.yaml:key", ...]} over every profile."""
+    out: dict[str, list[str]] = {}
+    for path in sorted(ROOT.glob("params/*/*.yaml")):
+        cfg = yaml.safe_load(path.read_text()) or {}
+        for key, val in cfg.items():
+            if not ("model" in key or key == "backbone") or key.endswith(("_kwargs", "_prefer", "_methods")):
+                continue
+            for v in val if isinstance(val, list) else [val]:
+                if not isinstance(v, str):
+                    continue
+                name = v.split("@")[0].strip()
+                if name.lower() in NOT_MODELS or "/" in name or name.endswith((".pt", ".safetensors", ".pth")):
+                    continue
+                out.setdefault(name, []).append(f"{path.parent.name}/{path.name}:{key}")
+    return out
+
+
+def _timm_kwargs(name: str) -> dict:
+    # Narrowed where width or depth alone would make a CPU test slow; same layer types.
+    if name.startswith(("vit_", "deit_", "beit_")):
+        return {"depth": 2}
+    if name.startswith("vgg"):
+        return {"mlp_ratio": 1 / 64}  # the 4096-wide ConvMlp head (100M parameters)
+    return {}
+
+
+def build_tiny(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "tiny_cnn":
+        from dpbench.training.bench import TinyCNN
+
+        model = TinyCNN(3)
+    elif name in MODELS:
+        model = create_model(name, num_classes=3, img_size=32, zero_head=False)
+    else:
+        import timm
+
+        if not timm.is_model(name):
+            raise AssertionError(f"{name!r} is neither a dpbench model nor a timm model")
+        model = create_model(name, num_classes=3, img_size=32, zero_head=False, **_timm_kwargs(name))
+    with torch.no_grad():  # timm zeroes the last norm of each block, which would zero the block's grads
+        for m in model.modules():
+            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
+                m.weight.copy_(1 + 0.2 * torch.randn_like(m.weight))
+                m.bias.copy_(0.1 * torch.randn_like(m.bias))
+    return model.eval()
+
+
+def test_profiles_name_models():
+    names = profile_models()
+    # the discovery reads the real keys (a renamed key would silently shrink the check)
+    assert {"resnet18", "small_cnn"} <= set(names), names
+    assert any(":models" in w for ws in names.values() for w in ws)
+
+
+@pytest.mark.parametrize("name", sorted(profile_models()))
+def test_profile_model_matches_naive_loop(name):
+    pytest.importorskip("timm")
+    t0 = time.perf_counter()
+    model = build_tiny(name)
+    torch.manual_seed(1)
+    x, y = torch.randn(3, 3, 32, 32), torch.randint(0, 3, (3,))
+    ps = naive_per_sample(model, x, y)
+    norms = sum(v.flatten(1).pow(2).sum(1) for v in ps.values()).sqrt()
+    C = float(norms.median())  # one sample clipped, one not
+    ref, _ = naive_clipped(ps, {"all": list(ps)}, {"all": C})
+    for method in ("ghost", "bk"):
+        model.zero_grad(set_to_none=True)
+        eng = ClippingEngine(model, max_grad_norm=C, method=method, check=method == "bk")
+        try:
+            got = eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+            assert torch.allclose(got["all"], norms, rtol=1e-3), (method, got["all"], norms)
+            assert_close({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, ref, 2e-4)
+        finally:
+            eng.remove()
+    assert time.perf_counter() - t0 < 60, f"{name} took too long for a tiny-size check"
+
+
+# ------------------------------------------------------------------ subclasses overriding forward
+class ScaledLinear(nn.Linear):
+    """A Linear subclass whose forward differs from nn.Linear's: the Linear rule would be wrong."""
+
+    def forward(self, x):
+        return F.linear(x, 2 * self.weight, self.bias)
+
+
+class PlainLinear(nn.Linear):
+    """A subclass that keeps nn.Linear's forward: the Linear rule is exact for it."""
+
+
+def _net(layer):
+    torch.manual_seed(0)
+    return nn.Sequential(layer, nn.ReLU(), nn.Linear(4, 3)).double()
+
+
+def test_subclass_overriding_forward_is_refused_at_build():
+    model = _net(ScaledLinear(5, 4))
+    with pytest.raises(UserError, match=r"'0' .*ScaledLinear.* overrides forward.*register a rule") as e:
+        ClippingEngine(model, check=False)
+    assert "\n" not in str(e.value)
+    ClippingEngine(_net(PlainLinear(5, 4))).remove()  # same forward: accepted
+
+
+def test_subclass_with_its_own_rule_is_accepted():
+    from dpbench.clipping import rules
+
+    @register_rule(ScaledLinear)
+    class ScaledLinearRule(LinearRule):
+        def capture(self, module, inputs, output, names):
+            return 2 * inputs[0]  # y = (2W) x: the weight's gradient is G' (2x)
+
+    try:
+        model = _net(ScaledLinear(5, 4))
+        assert find_rule(model[0]) is ScaledLinearRule
+        x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+        ps = naive_per_sample(model, x, y)
+        ref, _ = naive_clipped(ps, {"all": list(ps)}, {"all": 0.5})
+        for method in METHODS:
+            model.zero_grad(set_to_none=True)
+            eng = ClippingEngine(model, max_grad_norm=0.5, method=method)
+            eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+            assert_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-9)
+            eng.remove()
+    finally:
+        rules._RULES.pop(ScaledLinear)
+
+
+# ------------------------------------------------------------------ timm's weight-standardised conv, norm+act
+def _bit_net(same=False):
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    conv = timm_layers.StdConv2dSame(3, 8, 3, stride=2, bias=True) if same else timm_layers.StdConv2d(3, 8, 3)
+    side = 4 if same else 8
+    model = nn.Sequential(conv, timm_layers.GroupNormAct(8, 4), nn.Flatten(), nn.Linear(8 * side * side, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(1 + 0.3 * torch.randn(8))
+        model[1].bias.copy_(0.3 * torch.randn(8))
+    return model.double()
+
+
+@pytest.mark.parametrize("same", [False, True])
+@pytest.mark.parametrize("style", ["flat", "layer"])
+def test_stdconv_groupnormact_every_method_exact(same, style):
+    model = _bit_net(same)
+    torch.manual_seed(1)
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2])
+    ps = naive_per_sample(model, x, y)
+    names = list(ps)
+    C = float(sum(v.flatten(1).pow(2).sum(1) for v in ps.values()).sqrt().median())
+    if style == "flat":
+        groups, thr = {"all": names}, {"all": C}
+    else:
+        layers = {}
+        for n in names:
+            layers.setdefault(n.rsplit(".", 1)[0], []).append(n)
+        groups, thr = layers, {g: C / len(layers) ** 0.5 for g in layers}
+    ref, _ = naive_clipped(ps, groups, thr)
+    for method in METHODS:  # check=True: the engine's own self-checks pass too
+        model.zero_grad(set_to_none=True)
+        eng = ClippingEngine(model, max_grad_norm=C, method=method, style=style)
+        eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+        assert_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-9)
+        eng.remove()
+
+
+def test_groupnormact_with_dropout_is_refused():
+    timm_layers = pytest.importorskip("timm.layers")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), timm_layers.GroupNormAct(8, 4, drop_layer=nn.Dropout))
+    with pytest.raises(UserError, match="dropout"):
+        ClippingEngine(model)
+
+
+def test_other_timm_subclasses_are_refused():
+    timm_layers = pytest.importorskip("timm.layers")
+    # ScaledStdConv2d standardises with a learned gain: no rule, so refused (not the Conv2d rule)
+    model = nn.Sequential(timm_layers.ScaledStdConv2d(3, 4, 3), nn.Flatten())
+    with pytest.raises(UserError, match="ScaledStdConv2d"):
+        ClippingEngine(model)
