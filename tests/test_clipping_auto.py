@@ -20,6 +20,14 @@ from test_clipping import assert_close, naive_clipped, naive_per_sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
+@pytest.fixture(autouse=True)
+def _fresh_auto_cache():
+    """Each test measures (or fakes) afresh: auto's per-architecture cache would replay another test's choice."""
+    engine_mod.clear_auto_cache()
+    yield
+    engine_mod.clear_auto_cache()
+
 MB = 1 << 20
 
 
@@ -149,3 +157,47 @@ def test_memory_budget_needs_auto():
         ClippingEngine(_model(), method="bk", memory_budget=MB)
     with pytest.raises(UserError):
         ClippingEngine(_model(), method="auto", memory_budget=-1)
+
+
+def test_auto_choice_is_cached_per_architecture(monkeypatch):
+    """A second engine on the same architecture and shapes reuses the choice; clear_auto_cache forgets it."""
+    calls = []
+    fake = _fake(TABLE)
+
+    def counting(self, l, acts, grads):
+        calls.append(l.name)
+        return fake(self, l, acts, grads)
+
+    monkeypatch.setattr(ClippingEngine, "_measure", counting)
+    first = _run(_model())
+    n = len(calls)
+    assert n > 0
+    second = _run(_model())  # a new engine, a new model object of the same architecture
+    assert len(calls) == n, "re-measured although the architecture was cached"
+    assert {k: r["method"] for k, r in second.items()} == {k: r["method"] for k, r in first.items()}
+    assert second["0"]["measured"] == first["0"]["measured"]  # the table still shows the measurement
+    _run(_model(), memory_budget=5 * MB)  # another budget: another cache entry, measured
+    assert len(calls) == 2 * n
+    engine_mod.clear_auto_cache()
+    _run(_model())
+    assert len(calls) == 3 * n
+
+
+def test_auto_skips_rules_whose_temporaries_would_set_the_peak():
+    """A stem conv with T = 1024 output positions and a tiny weight: its ghost T x T products
+    (MiBs per sample) are never measured; instantiation (a few KiB per sample) is."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 32 * 32, 3))
+    eng = ClippingEngine(model, max_grad_norm=0.5, method="auto")
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4,), generator=g)
+        eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+        rows = {r["layer"]: r for r in eng.layer_table()}
+        ps = naive_per_sample(model, x, y)
+        ref, _ = naive_clipped(ps, {"all": list(ps)}, {"all": 0.5})
+        assert_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-4)
+    finally:
+        eng.remove()
+    assert rows["0"]["T"] == 1024 and rows["0"]["method"] == "instantiate"
+    assert "ghost" not in rows["0"]["measured"] and "instantiate" in rows["0"]["measured"]

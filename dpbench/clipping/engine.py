@@ -71,8 +71,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import UserError
 from .clipfns import check_clip_fn, clip_factors
 from .grouping import STYLES, make_groups, resolve_thresholds, _check_positive
-from .rules import CHUNK_BYTES, HALF, DirectParamsRule, check_forward, find_rule, ghost_is_cheaper
+from .rules import HALF, DirectParamsRule, check_forward, find_rule, ghost_is_cheaper
 from .tf32 import no_tf32
+from .rules import CHUNK_BYTES
 
 METHODS = ("auto", "instantiate", "ghost", "mixed", "bk")
 ROOT = "<root>"

@@ -631,3 +631,168 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+# ---------------------------------------------------------------------------- step breakdown
+BREAKDOWN_PARTS = ("forward", "pass1_autograd", "norms", "clipped_sums", "engine_python", "noise", "optimizer",
+                   "other")
+
+
+class _SelfTimer:
+    """Wall-clock self time per label (a label's time excludes the labelled calls inside it)."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self._stack: list[list[float]] = []
+
+    def wrap(self, label: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            with torch.profiler.record_function(f"dpbench::{label}"):
+                self._stack.append([0.0])
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    dt = time.perf_counter() - t0
+                    child = self._stack.pop()[0]
+                    self.totals[label] = self.totals.get(label, 0.0) + dt - child
+                    if self._stack:
+                        self._stack[-1][0] += dt
+
+        return timed
+
+
+def step_breakdown(model_name: str = "resnet18", resolution: int = 32, batch_size: int = 64, method: str = "bk",
+                   repeats: int = 5, warmup: int = 2, style: str = "flat", seed: int = 0,
+                   profiler_rows: int = 0) -> dict[str, Any]:
+    """Where a DP step's time goes, beside the non-private step, measured in one process.
+
+    Steps alternate (non-private, DP, non-private, ...) on identical models; each DP step is
+    split by wrappers around the engine's calls: `forward` (model with hooks), `pass1_autograd`
+    (the backward pass itself, without the engine's hooks), `norms` (rules' per-sample squared
+    norms), `clipped_sums` (rules' clipped sums, and the second backward where a method uses
+    one), `engine_python` (the engine's own per-layer bookkeeping), `noise`, `optimizer`, and
+    `other` (losses, zero_grad, the rest). Medians over `repeats` steps, in seconds, and as
+    fractions of the median non-private step. `profiler_rows` > 0 also runs one DP step under
+    torch.profiler and returns its top operators by self CPU time as text.
+    """
+    import dpbench.clipping.engine as engine_mod
+
+    torch.manual_seed(seed)
+    reference = build_model(model_name, resolution)
+    x = torch.randn(batch_size, 3, resolution, resolution)
+    y = torch.randint(0, 10, (batch_size,))
+    base_model = copy.deepcopy(reference)
+    base_opt = torch.optim.SGD(base_model.parameters(), lr=1e-3)
+    base = {"forward": [], "backward": [], "optimizer": [], "total": []}
+
+    def base_step():
+        t0 = time.perf_counter()
+        base_opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(base_model(x), y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        base_opt.step()
+        t3 = time.perf_counter()
+        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0}
+
+    model = copy.deepcopy(reference)
+    engine = ClippingEngine(model, max_grad_norm=1.0, method=method, style=style)
+    dp_opt = DPOptimizer(torch.optim.SGD(engine.trainable_parameters(), lr=1e-3), engine, 1.0, batch_size, seed=0)
+    timer = _SelfTimer()
+    # Wrap the engine's and rules' entry points on these instances only.
+    for l in engine._layers:
+        l.rule.sq_norms = timer.wrap("norms", l.rule.sq_norms)
+        l.rule.weighted_sum = timer.wrap("clipped_sums", l.rule.weighted_sum)
+    engine._process = timer.wrap("engine_python", engine._process)
+    engine._emit = timer.wrap("engine_python", engine._emit)
+    engine._on_grad = timer.wrap("engine_python", engine._on_grad)
+    dp_opt.add_noise = timer.wrap("noise", dp_opt.add_noise)
+    dp_opt.optimizer.step = timer.wrap("optimizer", dp_opt.optimizer.step)
+    real_grad, real_backward = torch.autograd.grad, torch.autograd.backward
+
+    class _Autograd:  # the engine module's view of torch.autograd: timed pass 1 and second backward
+        grad = staticmethod(timer.wrap("pass1_autograd", real_grad))
+        backward = staticmethod(timer.wrap("clipped_sums", real_backward))
+
+        def __getattr__(self, name):
+            return getattr(torch.autograd, name)
+
+    class _Torch:
+        autograd = _Autograd()
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    dp = []
+
+    def dp_step():
+        timer.totals = {}
+        t0 = time.perf_counter()
+        dp_opt.zero_grad()
+        out = timer.wrap("forward", model)(x)
+        dp_opt.backward(per_sample_cross_entropy(out, y))
+        dp_opt.step()
+        total = time.perf_counter() - t0
+        parts = dict(timer.totals)
+        parts["other"] = total - sum(parts.values())
+        parts["total"] = total
+        return parts
+
+    saved = engine_mod.torch
+    engine_mod.torch = _Torch()
+    try:
+        for _ in range(warmup):
+            base_step()
+            dp_step()
+        for _ in range(repeats):
+            base.setdefault("runs", []).append(base_step())
+            dp.append(dp_step())
+        table = None
+        if profiler_rows:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                dp_step()
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=profiler_rows)
+    finally:
+        engine_mod.torch = saved
+        engine.remove()
+    med = lambda rows, k: statistics.median(r.get(k, 0.0) for r in rows)  # noqa: E731
+    base_med = {k: med(base["runs"], k) for k in ("forward", "backward", "optimizer", "total")}
+    dp_med = {k: med(dp, k) for k in BREAKDOWN_PARTS + ("total",)}
+    return {"model": model_name, "resolution": resolution, "batch_size": batch_size, "method": method,
+            "style": style, "repeats": repeats, "threads": torch.get_num_threads(), "nonprivate": base_med,
+            "dp": dp_med, "ratio": statistics.median(d["total"] / b["total"] for d, b in zip(dp, base["runs"])),
+            "profiler_table": table}
+
+
+def format_breakdown(res: dict[str, Any]) -> str:
+    """A text table of `step_breakdown`'s result: ms and fraction of the non-private step."""
+    b, d = res["nonprivate"], res["dp"]
+    ref = b["total"]
+    lines = [f"{res['model']} {res['resolution']} px, batch {res['batch_size']}, method {res['method']} "
+             f"({res['style']}), {res['threads']} threads, median of {res['repeats']} interleaved steps; "
+             f"median pair ratio {res['ratio']:.2f}x",
+             f"{'part':<16}{'non-private ms':>16}{'DP ms':>10}{'DP / non-private step':>24}"]
+    base_of = {"forward": b["forward"], "pass1_autograd": b["backward"], "optimizer": b["optimizer"]}
+    for k in BREAKDOWN_PARTS + ("total",):
+        bv = b["total"] if k == "total" else base_of.get(k)
+        lines.append(f"{k:<16}{'' if bv is None else f'{bv * 1e3:.1f}':>16}{d[k] * 1e3:>10.1f}{d[k] / ref:>24.3f}")
+    if res.get("profiler_table"):
+        lines += ["", "torch.profiler, one DP step, top operators by self CPU time:", res["profiler_table"]]
+    return "\n".join(lines)
+
+
+    parser.add_argument("--profile-step", action="store_true",
+                        help="instead of the table: where one DP step's time goes (forward, backward pass, norms, "
+                             "clipped sums, noise, optimizer, engine Python) beside the non-private step, per model "
+                             "of the profile and dpbench method (default bk), plus torch.profiler's top operators")
+    if getattr(args, "profile_step", False):
+        for c in profile_cells(args.profile, args.models, args.methods or ["bk"], args.batch_size, args.repeats,
+                               args.device):
+            if c.method not in DPBENCH_METHODS + EXTRA_METHODS:
+                continue
+            if c.device != "cpu":
+                raise UserError("--profile-step runs on the CPU only; use --device cpu")
+            res = step_breakdown(c.model, c.resolution, c.batch_size, c.method, repeats=c.repeats,
+                                 warmup=c.warmup, style=c.style, profiler_rows=15)
+            print(format_breakdown(res) + "\n", flush=True)
+        return 0
