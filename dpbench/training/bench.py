@@ -23,7 +23,10 @@ How it measures:
   inside a running process (notebooks 01 and 02): the peak above what was live before it.
 - A cell that fails (e.g. Opacus on timm's resnet18) is a row with status "failed" and the
   exception's one-line reason: never dropped.
-- gpu profile: also the largest batch that runs, by doubling (`max_batch_size`).
+- gpu profile: also the largest batch that runs (`largest_batch`: doubling, then bisection to
+  within MAX_BATCH_REL_TOL), under a memory cap that emulates a smaller card
+  (`max_batch_cap_gb`, via torch.cuda.set_per_process_memory_fraction: `max_batch_size`) and on
+  the whole card (`max_batch_size_card`).
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ EXTRA_METHODS = ("auto",)  # accepted on request, not in the default set
 ROW_KEYS = (
     "model", "resolution", "batch_size", "method", "style", "step_time_s", "peak_mem_mb", "ratio_to_nonprivate",
     "step_mem_mb", "mem_ratio_to_nonprivate", "baseline_step_time_s", "base_rss_mb", "peak_reset",
-    "max_batch_size", "status", "reason", "device", "profile", "repeats", "threads", "torch_version",
+    "max_batch_size", "max_batch_size_card", "max_batch_cap_gb", "status", "reason", "device", "profile", "repeats", "threads", "torch_version",
     "pair_ratios",
 )
 _RESULT_MARK = "DPBENCH_CELL_RESULT "
@@ -89,6 +92,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 MAX_BATCH_LIMIT = {32: 32768, 64: 8192, 224: 4096}
+MAX_BATCH_REL_TOL = 1 / 32  # bisection stops within ~3% of the largest batch: each probe is a full step
 
 
 @dataclass
@@ -105,6 +109,7 @@ class Cell:
     num_classes: int = 10
     seed: int = 0
     max_batch: bool = False
+    max_batch_cap_gb: float = 0.0  # > 0: the largest batch under this much CUDA memory too (a 16 GB card)
     profile: str = ""
     isolated: bool = False  # True in a child process: CPU peak memory is meaningful
     style: str = "flat"  # clipping style of dpbench's methods: flat, layer (per-layer, He et al.), ...
@@ -336,12 +341,52 @@ def _batch(cell: Cell, batch_size: int, device: torch.device) -> tuple[torch.Ten
     return x.to(device), y.to(device)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` says the device ran out of memory (CUDA's OutOfMemoryError, or a
+    RuntimeError saying "out of memory", as older torch and other backends raise)."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    return (bool(oom) and isinstance(exc, oom)) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def largest_batch(fits: Callable[[int], Any], start: int, limit: int,
+                  rel_tol: float = 0.0) -> tuple[int | None, str]:
+    """Largest batch b <= limit for which `fits(b)` returns without an out-of-memory error,
+    assuming that memory grows with b: doubling from `start` up to the first failure, then
+    bisection between the last batch that ran and the first that did not, until they are
+    within `rel_tol` of each other (0: exact). Returns (b or None when not even 1 runs, and a
+    note: "" or why the search stopped). Any other exception propagates: it is a bug, not a size."""
+    if start < 1 or limit < 1:
+        raise UserError(f"largest_batch needs start >= 1 and limit >= 1, got {start} and {limit}")
+
+    def ok(b: int) -> bool:
+        try:
+            fits(b)
+            return True
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            return False
+
+    lo, hi = 0, None  # lo runs (0: none known), hi does not
+    b = min(start, limit)
+    while hi is None:
+        if ok(b):
+            lo = b
+            if b >= limit:
+                return lo, f"reached the search limit {limit}"
+            b = min(2 * b, limit)
+        else:
+            hi = b
+    while hi - lo > max(1, int(lo * rel_tol)):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return (lo or None), ""
+
+
 def _max_batch(cell: Cell, reference: nn.Module, device: torch.device) -> int | None:
-    """Largest batch (doubling from cell.batch_size) whose step runs; None if none does."""
-    best = None
-    b = cell.batch_size
-    limit = MAX_BATCH_LIMIT.get(cell.resolution, 4096)
-    while b <= limit:
+    """Largest batch whose step runs (see `largest_batch`); None if none does."""
+
+    def fits(b: int) -> None:
         model = step = cleanup = None
         try:
             model = copy.deepcopy(reference).to(device)
@@ -349,17 +394,35 @@ def _max_batch(cell: Cell, reference: nn.Module, device: torch.device) -> int | 
             step, cleanup = make_step(cell.method, model, x, y, style=cell.style)
             step()
             step()
-            best = b
-        except Exception:  # out of memory (or any failure) ends the doubling
-            break
         finally:
             if cleanup is not None:
                 cleanup()
             del model, step
+            gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        b *= 2
+
+    best, _ = largest_batch(fits, cell.batch_size, MAX_BATCH_LIMIT.get(cell.resolution, 4096), MAX_BATCH_REL_TOL)
     return best
+
+
+def _max_batches(cell: Cell, reference: nn.Module, device: torch.device) -> dict[str, Any]:
+    """The row's max-batch fields: under `cell.max_batch_cap_gb` of CUDA memory (when set, on
+    CUDA) and on the whole card. The cap only limits torch's allocator (the CUDA context is
+    outside it), so it emulates a card of that size from above."""
+    out: dict[str, Any] = {}
+    if cell.max_batch_cap_gb > 0 and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cell.max_batch_cap_gb * 2**30 / total), device)
+        try:
+            out["max_batch_size"] = _max_batch(cell, reference, device)
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        out["max_batch_cap_gb"] = cell.max_batch_cap_gb
+        out["max_batch_size_card"] = _max_batch(cell, reference, device)
+    else:  # no cap (or not on CUDA, where it cannot be set): the whole device
+        out["max_batch_size"] = out["max_batch_size_card"] = _max_batch(cell, reference, device)
+    return out
 
 
 def run_cell(cell: Cell) -> dict[str, Any]:
@@ -381,7 +444,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     x, y = _batch(cell, cell.batch_size, dev)
 
     # 1. the method alone: warm-up steps, then its peak memory
-    cleanup = None
+    cleanup = failed = None
     try:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -417,19 +480,27 @@ def run_cell(cell: Cell) -> dict[str, Any]:
             row["pair_ratios"] = [m / b for m, b in zip(tm, tb)]  # the spread behind the median (error bars)
             del base_model, base_step
     except Exception as e:
-        return {**row, "step_time_s": None, "ratio_to_nonprivate": None, "baseline_step_time_s": None,
-                "status": "failed", "reason": _reason(e)}
+        failed = {"step_time_s": None, "ratio_to_nonprivate": None, "baseline_step_time_s": None,
+                  "status": "failed", "reason": _reason(e), "oom": is_out_of_memory(e)}
     finally:
         if cleanup is not None:
             try:
                 cleanup()
             except Exception:
                 pass
+    if failed:
+        # Out of memory at this batch (Opacus at 256, say): a smaller batch may still run, and the
+        # largest one is the paper's comparison. Searched here, after the failed step's memory is freed.
+        if failed.pop("oom") and cell.max_batch:
+            model = step = None
+            gc.collect()
+            failed.update(_max_batches(cell, reference, dev))
+        return {**row, **failed}
 
     # 3. the largest batch that fits (GPU profile)
     if cell.max_batch:
         del model, step
-        row["max_batch_size"] = _max_batch(cell, reference, dev)
+        row.update(_max_batches(cell, reference, dev))
     row["status"] = "ok"
     return row
 
