@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dpbench.atomic import write_atomic
@@ -199,6 +200,70 @@ def _mlp(num_classes, in_chans=3, img_size=32, norm="group", hidden=(256,), act=
     return MLP(num_classes, in_chans, img_size, tuple(hidden), act)
 
 
+class WideBasicBlock(nn.Module):
+    """Pre-activation wide-ResNet block: norm-relu-conv3x3, norm-relu-conv3x3, plus a 1x1
+    projection shortcut when the shape changes (Zagoruyko & Komodakis 2016)."""
+
+    def __init__(self, cin, cout, stride, norm):
+        super().__init__()
+        self.norm1 = _norm2d(norm, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.norm2 = _norm2d(norm, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.shortcut = (nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+                         if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        o = F.relu(self.norm1(x))
+        # the projection takes the pre-activated input, as in the original WRN code
+        short = x if self.shortcut is None else self.shortcut(o)
+        o = self.conv1(o)
+        o = self.conv2(F.relu(self.norm2(o)))
+        return o + short
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k for 32 px images: stem conv3x3(16), three stages of (depth-4)/6 blocks at
+    16k, 32k, 64k channels (strides 1, 2, 2), norm-relu, global average pool, linear head.
+
+    WRN16-4 (~2.7M parameters) with GroupNorm is the model of He et al. (2023) for CIFAR-10.
+    Names: stem.*, stages.<s>.<b>.*, norm.*, head.*; stages are the blocks of `apply_subset`.
+    """
+
+    def __init__(self, num_classes, in_chans=3, depth=16, widen=4, norm="group"):
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6:
+            raise UserError(f"wide ResNet depth must be 6n+4 >= 10 (10, 16, 22, 28, ...), got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.stem = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
+        stages = []
+        for s in range(3):
+            blocks = [WideBasicBlock(widths[s] if b == 0 else widths[s + 1], widths[s + 1],
+                                     (1 if s == 0 else 2) if b == 0 else 1, norm) for b in range(n)]
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.norm = _norm2d(norm, widths[3])
+        self.num_features = widths[3]
+        self.head = nn.Linear(widths[3], num_classes)
+
+    def forward_features(self, x):
+        x = F.relu(self.norm(self.stages(self.stem(x))))
+        return x.mean(dim=(2, 3))
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+    def get_classifier(self):
+        return self.head
+
+
+@register_model("wrn16_4")
+def _wrn16_4(num_classes, in_chans=3, img_size=32, norm="group", depth=16, widen=4):
+    """Wide ResNet 16-4 (see `WideResNet`); any input size (global pooling); `img_size` unused."""
+    return WideResNet(num_classes, in_chans, depth, widen, norm)
+
+
 # --------------------------------------------------------------------------- create_model
 
 
@@ -211,6 +276,7 @@ def create_model(
     checkpoint: str | os.PathLike | None = None,
     norm: str = "group",
     zero_head: bool = True,
+    resize_to: int = 0,
     **kw,
 ) -> nn.Module:
     """Build model `name` ("small_cnn", "mlp" or any timm name) ready for DP training.
@@ -221,8 +287,10 @@ def create_model(
     weights came from `pretrained` weights for the same classes. pretrained: timm hub
     weights (needs the network). checkpoint: a local .safetensors file or torch
     state_dict, loaded strictly except for a head of another shape, which is skipped.
-    img_size goes to timm only for models that take it (ViTs). Notes about loading are
-    kept in `model.dpbench_notes`.
+    img_size goes to timm only for models that take it (ViTs). resize_to > 0: every input is
+    resized (bilinear) to resize_to x resize_to px before the model, which is then built for that
+    size (a net pretrained at 224 px fed 32 px CIFAR images); per-example, so clipping is unaffected.
+    Notes about loading are kept in `model.dpbench_notes`.
     """
     if norm not in NORMS:
         raise UserError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
@@ -230,6 +298,10 @@ def create_model(
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
     notes: list[str] = []
     head_from_weights = False
+    if int(resize_to) < 0:
+        raise UserError(f"resize_to must be >= 0 (0: no resizing), got {resize_to}")
+    if resize_to:
+        img_size = int(resize_to)
     if name in MODELS:
         if pretrained:
             raise UserError(
@@ -267,8 +339,25 @@ def create_model(
         notes += _apply_state(model, state, strict=True, skip_head_mismatch=True, where=str(checkpoint))
     if checkpoint is not None:
         notes.append(f"weights: {checkpoint}")
+    if resize_to:
+        model.register_forward_pre_hook(ResizeInput(int(resize_to)))
+        notes.append(f"inputs resized to {int(resize_to)} px")
     model.dpbench_notes = notes
     return model
+
+
+class ResizeInput:
+    """Forward pre-hook resizing a batch of images to size x size (bilinear; no-op when it
+    already is). A class, not a lambda, so that models holding it can be copied and pickled."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
+        x = args[0]
+        if x.dim() != 4 or tuple(x.shape[-2:]) == (self.size, self.size):
+            return None
+        return (F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False),) + tuple(args[1:])
 
 
 def _create_timm(name, num_classes, in_chans, img_size, pretrained, **kw):
