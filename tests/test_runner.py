@@ -117,7 +117,8 @@ def test_device_check(monkeypatch):
     monkeypatch.setattr(params, "cuda_available", lambda: False)
     params.check_device(_spec("cpu", "cpu"))
     params.check_device(_spec("gpu", "auto"))  # auto is allowed to fall back, by request
-    for spec in (_spec("gpu", "cuda"), _spec("cpu", "cuda:0"), _spec("gpu", "cpu")):
+    params.check_device(_spec("gpu", "cpu"))  # a gpu profile may choose the CPU (06: a GPU gains it nothing)
+    for spec in (_spec("gpu", "cuda"), _spec("cpu", "cuda:0"), _spec("gpu", "mps"), _spec("gpu-quick", "cuda")):
         with pytest.raises(UserError, match="no CUDA device"):
             params.check_device(spec)
     with pytest.raises(UserError, match="unknown device"):

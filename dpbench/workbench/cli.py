@@ -87,7 +87,8 @@ def _download(parser: argparse.ArgumentParser) -> None:
 
 
 def _profile(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", required=True, help="smoke, cpu or gpu")
+    parser.add_argument("--profile", required=True,
+                        help="smoke, cpu, gpu, or gpu-quick (~6 min on one GPU: notebook 01's bench and crossover only)")
 
 
 def _bench(argv: list[str]) -> int:

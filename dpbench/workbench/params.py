@@ -16,7 +16,12 @@ from typing import Any, Iterable
 from dpbench.errors import UserError
 
 
-PROFILES = ("smoke", "cpu", "gpu")
+PROFILES = ("smoke", "cpu", "gpu", "gpu-quick")
+
+
+# Profiles meant for CUDA. gpu-quick (~6 minutes on one GPU, for short loans of a GPU) exists only
+# for the notebooks that have a params/NB/gpu-quick.yaml; `reproduce --profile gpu-quick` runs those.
+GPU_PROFILES = ("gpu", "gpu-quick")
 
 
 RESERVED = ("profile", "output_dir", "seed", "device")
@@ -54,7 +59,7 @@ def check_notebook(repo: str | os.PathLike, notebook: str) -> Path:
 
 
 def check_profile(profile: str) -> str:
-    """`profile` if it is one of smoke, cpu, gpu; else UserError listing them."""
+    """`profile` if it is one of `PROFILES`; else UserError listing them."""
     if profile not in PROFILES:
         raise UserError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
     return profile
@@ -250,8 +255,10 @@ def resolve(
     params_path = repo / "params" / notebook / f"{profile}.yaml"
     if not params_path.is_file():
         have = ", ".join(list_profiles(repo, notebook)) or "none"
+        covered = [nb for nb in list_notebooks(repo) if profile in list_profiles(repo, nb)]
+        scope = f"; the {profile} profile covers only: {', '.join(covered)}" if profile != "gpu" and covered else ""
         raise UserError(
-            f"{notebook} has no {profile} profile (params/{notebook}/{profile}.yaml); its profiles: {have}"
+            f"{notebook} has no {profile} profile (params/{notebook}/{profile}.yaml); its profiles: {have}{scope}"
         )
     raw = load_yaml(params_path)
     requires = raw.pop("requires", []) or []
@@ -302,13 +309,14 @@ def cuda_available() -> bool:
 
 def check_device(spec: RunSpec) -> None:
     """Refuse a run that needs CUDA on a machine without it (never fall back quietly):
-    device "cuda"/"cuda:N", or the gpu profile unless the device is "auto"."""
+    device "cuda"/"cuda:N", or a gpu profile (`GPU_PROFILES`) unless its device is "auto" or
+    "cpu" (a notebook that gains nothing on a GPU says `device: cpu` in its gpu profile)."""
     device = spec.device
     if device == "auto":
         return
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
         raise UserError(f"{spec.notebook}: unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto")
-    if (device.startswith("cuda") or spec.profile == "gpu") and not cuda_available():
+    if (device.startswith("cuda") or (spec.profile in GPU_PROFILES and device != "cpu")) and not cuda_available():
         raise UserError(
             f"{spec.notebook}: profile {spec.profile} asks for device {device!r} but no CUDA device is available; "
             f"run on a GPU machine, use --profile cpu, or set `-p device auto`"

@@ -124,6 +124,10 @@ def reproduce(profile: str, force: bool = False, repo=None, progress: bool = Tru
     names = [nb for nb in list_notebooks(runner.repo) if profile in list_profiles(runner.repo, nb)]
     if not names:
         raise UserError(f"no notebook has a {profile} profile (params/NB/{profile}.yaml)")
+    skipped = [nb for nb in list_notebooks(runner.repo) if nb not in names]
+    if skipped:  # e.g. gpu-quick covers notebook 01 only: say which notebooks it leaves out
+        runner._say(f"profile {profile}: runs {', '.join(names)}; not in this profile (no params/NB/{profile}.yaml): "
+                    f"{', '.join(skipped)}")
     specs = plan(runner, names, profile)
     if jobs > 1:
         return run_parallel(runner, specs, int(jobs), force=force)
