@@ -26,7 +26,9 @@ def _params(profile):
 def _cells(p, device="cpu"):
     return cx.notebook_cells(p["models"], p["methods"], device=p.get("device", device), repeats=p["repeats"],
                              warmup=p["warmup"], max_batch=p["max_batch"],
-                             layer_style_model=p["layer_style_model"], layer_style_methods=p["layer_style_methods"])
+                             layer_style_model=p["layer_style_model"], layer_style_methods=p["layer_style_methods"],
+                             max_batch_cap_gb=p.get("max_batch_cap_gb", 0.0),
+                             max_batch_methods=p.get("max_batch_methods", []))
 
 
 def _check_every_cell_present(df, cells):
@@ -68,16 +70,26 @@ def test_a_model_that_cannot_be_built_is_failed_in_every_cell(tmp_path):
     assert (df.status == "failed").all() and df.reason.str.contains("model").all()
 
 
-@pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu"])
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu", "gpu-quick"])
 def test_profiles_cover_every_method(profile):
     p = _params(profile)
     assert set(p["methods"]) == ISSUE_METHODS
     cells = _cells(p)
     assert {c.style for c in cells} == {"flat", "layer"}  # claim B.1 arms are in every profile
     if profile == "gpu":
-        assert {(c.model, c.resolution) for c in cells} >= {
-            ("resnet18", 32), ("resnet18", 224), ("resnet50", 32), ("resnet50", 224), ("vgg11", 32), ("vgg16", 32),
-            ("vit_small_patch16_224", 224), ("vit_base_patch16_224", 224)}
+        # the paper's models (VGG with GroupNorm: timm's *_bn converted), each at 32 and 224 px
+        models = {"resnet18", "resnet50", "vgg11_bn", "vgg16_bn", "vgg19_bn", "vit_small_patch16_224",
+                  "vit_base_patch16_224"}
+        assert {(c.model, c.resolution) for c in cells} >= {(m, r) for m in models for r in (32, 224)}
+        assert all(c.batch_size == 256 for c in cells if c.resolution == 32)  # the paper's table
         assert p["max_batch"] and p["device"] == "cuda" and max(p["crossover_sizes"]) == 224
+        searched = [c for c in cells if c.max_batch]
+        assert {c.max_batch_cap_gb for c in searched} == {16.0}
+        assert {c.method for c in searched} >= {"nonprivate", "opacus_hooks", "ghost", "mixed"}  # the paper's bars
+        assert all(c.style == "flat" for c in searched)
+    elif profile == "gpu-quick":
+        assert {c.model for c in cells} == {"resnet18", "vgg11_bn", "vit_small_patch16_224"}
+        assert {c.resolution for c in cells} == {32, 224}
+        assert p["device"] == "cuda" and not p["max_batch"]
     else:
         assert max(p["crossover_sizes"]) <= 128 and p.get("device", "cpu") == "cpu"

@@ -324,7 +324,7 @@ def layer_decision_text(rows: Sequence[dict[str, Any]]) -> str:
 # dpbench "instantiate" has no paper column: FastGradClip instantiates and then runs a second
 # backward, ours forms the clipped sum from the stored per-sample gradients (Opacus's way).
 PAPER_MODELS = {"small_cnn": "smallcnn", "resnet18": "resnet18", "resnet50": "resnet50", "vgg11": "vgg11",
-                "vgg16": "vgg16"}
+                "vgg16": "vgg16", "vgg11_bn": "vgg11", "vgg16_bn": "vgg16", "vgg19_bn": "vgg19"}
 PAPER_METHODS = {"nonprivate": "nondp", "opacus_hooks": "opacus", "ghost": "ghost", "mixed": "mixed"}
 PAPER_RESOLUTION = 32  # CIFAR-10
 
@@ -447,21 +447,30 @@ def parse_model_spec(spec: str | Sequence) -> tuple[str, int, int]:
 
 def notebook_cells(models: Sequence, methods: Sequence[str], *, device: str = "cpu", repeats: int = 3,
                    warmup: int = 1, max_batch: bool = False, seed: int = 0, profile: str = "",
-                   layer_style_model: str = "", layer_style_methods: Sequence[str] = ()) -> list:
+                   layer_style_model: str = "", layer_style_methods: Sequence[str] = (),
+                   max_batch_cap_gb: float = 0.0, max_batch_methods: Sequence[str] = ()) -> list:
     """The `dpbench.training.bench.Cell`s notebook 01 measures: every (model, method) of `models`
     ("name@resolution:batch" each, see `parse_model_spec`) and, for claim B.1, `layer_style_methods` of
-    `layer_style_model` again with per-layer clipping (style="layer")."""
+    `layer_style_model` again with per-layer clipping (style="layer"). With `max_batch`, the largest
+    batch is searched under `max_batch_cap_gb` of CUDA memory (> 0; the paper's 16 GB card) and on the
+    whole card, for the methods in `max_batch_methods` (empty: every method)."""
+    if max_batch_cap_gb < 0:
+        raise UserError(f"max_batch_cap_gb must be >= 0 (0: no cap), got {max_batch_cap_gb}")
     if not models:
         raise UserError("models is empty; give at least one [name, resolution, batch_size]")
     bad = [m for m in methods if m not in BENCH_METHODS + EXTRA_METHODS]
     if bad:
         raise UserError(f"unknown methods {bad}; use some of {', '.join(BENCH_METHODS + EXTRA_METHODS)}")
+    bad = [m for m in max_batch_methods if m not in methods]
+    if bad:
+        raise UserError(f"max_batch_methods {bad} are not in methods {list(methods)}; pick some of those")
     cells = []
     specs = [parse_model_spec(m) for m in models]
     for name, res, bs in specs:
         common = dict(model=name, resolution=res, batch_size=bs, device=device, repeats=repeats, warmup=warmup,
-                      max_batch=max_batch, seed=seed, profile=profile)
-        cells += [Cell(method=m, **common) for m in methods]
+                      max_batch=max_batch, seed=seed, profile=profile, max_batch_cap_gb=float(max_batch_cap_gb))
+        cells += [Cell(method=m, **{**common, "max_batch": max_batch and (not max_batch_methods or m in max_batch_methods)})
+                  for m in methods]
         if name == layer_style_model:
             bad = [m for m in layer_style_methods if m not in DPBENCH_METHODS + EXTRA_METHODS]
             if bad:
@@ -474,7 +483,8 @@ def notebook_cells(models: Sequence, methods: Sequence[str], *, device: str = "c
     return cells
 
 
-BENCH_METRICS = ("step_time_s", "step_mem_mb", "ratio_to_nonprivate", "mem_ratio_to_nonprivate", "max_batch_size")
+BENCH_METRICS = ("step_time_s", "step_mem_mb", "ratio_to_nonprivate", "mem_ratio_to_nonprivate", "max_batch_size",
+                 "max_batch_size_card")
 
 
 def record_bench_rows(rec, rows: Sequence[dict[str, Any]], claims: dict | None = None, seed: int | None = None) -> None:
@@ -491,8 +501,9 @@ def record_bench_rows(rec, rows: Sequence[dict[str, Any]], claims: dict | None =
         params = dict(model=r["model"], resolution=r["resolution"], batch_size=r["batch_size"],
                       style=r.get("style") or "flat", device=r.get("device"))
         for metric in BENCH_METRICS:
-            if metric == "max_batch_size" and (not want_max_batch or params["style"] != "flat"):
-                continue  # not asked for in this profile
+            if metric.startswith("max_batch") and (not want_max_batch or params["style"] != "flat"
+                                                   or (r["status"] == "ok" and r.get(metric) is None)):
+                continue  # not asked for in this profile (or for this method: max_batch_methods)
             cid = ""
             if params["style"] == "flat":
                 kind = {"step_time_s": "time", "step_mem_mb": "mem", "max_batch_size": "maxbatch"}.get(metric)
@@ -500,7 +511,7 @@ def record_bench_rows(rec, rows: Sequence[dict[str, Any]], claims: dict | None =
                     cid = claim_for(r["model"], r["method"], kind, r["resolution"], claims)
                 elif r["method"] == "mixed":
                     cid = {"ratio_to_nonprivate": "C-slowdown-max",
-                           "mem_ratio_to_nonprivate": "C-memory-overhead-max"}[metric]
+                           "mem_ratio_to_nonprivate": "C-memory-overhead-max"}.get(metric, "")
                     cid = cid if cid in claims else ""
             v = r.get(metric)
             if r["status"] != "ok":
@@ -513,6 +524,44 @@ def record_bench_rows(rec, rows: Sequence[dict[str, Any]], claims: dict | None =
                         claim_id=cid, **params)
             else:
                 rec.add(metric, v, method=r["method"], seed=seed, claim_id=cid, **params)
+    record_headline_ratios(rec, rows, claims, seed=seed)
+
+
+# The abstract's VGG19 headline: mixed ghost clipping 3x faster than Opacus, with an 18x larger batch.
+HEADLINE_RATIOS = (("speedup_vs_opacus", "step_time_s", "opacus_hooks", "mixed", "C-{m}-speedup-vs-opacus"),
+                   ("max_batch_ratio_vs_opacus", "max_batch_size", "mixed", "opacus_hooks", "C-{m}-maxbatch-vs-opacus"))
+
+
+def record_headline_ratios(rec, rows: Sequence[dict[str, Any]], claims: dict | None = None,
+                           seed: int | None = None) -> None:
+    """For every paper model with a ratio claim against Opacus (VGG19) at CIFAR size: Opacus's step
+    time over mixed's, and mixed's largest batch over Opacus's (under the memory cap). A ratio whose
+    parts did not run is a failed row saying which part is missing."""
+    claims = claims or {}
+    flat = {(r["model"], r["resolution"], r["method"]): r for r in rows if (r.get("style") or "flat") == "flat"}
+    first: dict[tuple, dict[str, Any]] = {}
+    for (model, res, _), r in flat.items():
+        first.setdefault((model, res), r)
+    for (model, res), _r in first.items():
+        m = PAPER_MODELS.get(model)
+        if m is None or res != PAPER_RESOLUTION:
+            continue
+        for metric, key, num, den, pattern in HEADLINE_RATIOS:
+            cid = pattern.format(m=m)
+            if cid not in claims:
+                continue
+            parts = [flat.get((model, res, meth)) for meth in (num, den)]
+            vals = [p.get(key) if p and p.get("status") == "ok" else None for p in parts]
+            params = dict(model=model, resolution=res, batch_size=_r["batch_size"], style="flat",
+                          device=_r.get("device"))
+            if None in vals or not vals[1]:
+                missing = [meth for meth, v in zip((num, den), vals) if v is None]
+                why = "; ".join(f"{meth}: {(p or {}).get('reason') or 'not measured'}"
+                                for meth, p in zip((num, den), parts) if meth in missing) or "zero denominator"
+                rec.add(metric, None, method="mixed", seed=seed, status="failed", reason=f"no ratio: {why}",
+                        claim_id=cid, **params)
+            else:
+                rec.add(metric, vals[0] / vals[1], method="mixed", seed=seed, claim_id=cid, **params)
 
 
 ONE_PASS_METHODS = ("bk", "auto", "instantiate")
@@ -656,19 +705,21 @@ def plot_step_ratios(flat_rows: Sequence[dict[str, Any]], device: str, repeats: 
 
 
 def plot_fixed_batch(flat_rows: Sequence[dict[str, Any]], device: str, max_batch: bool):
-    """Section 4's figure: the largest batch by doubling (gpu), or the step's memory at each
+    """Section 4's figure: the largest batch (gpu; under the memory cap when one was set), or the step's memory at each
     model's own batch (cpu: resident-set peak above the process baseline)."""
     import matplotlib.pyplot as plt
 
 
     fig, ax = plt.subplots(figsize=(12, 4.5), layout="constrained")
     key = "max_batch_size" if max_batch else "step_mem_mb"
-    label = "largest batch that runs (doubling)" if max_batch else "step memory above the process baseline (MB)"
+    caps = {r.get("max_batch_cap_gb") for r in flat_rows if r.get("max_batch_cap_gb")}
+    under = f" under {caps.pop():g} GB" if len(caps) == 1 else ""
+    label = f"largest batch that runs{under}" if max_batch else "step memory above the process baseline (MB)"
     drawn = grouped_bars(ax, flat_rows, key, label)
     if max_batch:
         ax.set_yscale("log", base=2)
     legend_once(ax, fontsize=8, ncol=4)
-    title = ("largest batch that fits, by doubling" if max_batch
+    title = (f"largest batch that fits{under} (doubling, then bisection)" if max_batch
              else "memory of one training step at each model's own batch (named under its group)")
     ax.set_title(f"{title} ({device})" + _marks_text(drawn))
     return fig
