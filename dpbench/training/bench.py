@@ -656,52 +656,6 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------- CLI
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `dpbench bench` (dpbench.workbench.cli adds them to its sub-command)."""
-    parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES),
-                        help="cpu: small CNN, resnet18-GN, vit_tiny@64 at batch 64; gpu: the paper's models; "
-                             "quick: a tiny model, batch 8, 2 repeats (a smoke test)")
-    parser.add_argument("--json", metavar="FILE", help="write the rows to FILE as JSON (atomically)")
-    parser.add_argument("--models", nargs="+", metavar="NAME", help="only these models (any timm name works)")
-    parser.add_argument("--methods", nargs="+", metavar="METHOD",
-                        help=f"only these methods, from: {', '.join(METHODS + EXTRA_METHODS)}")
-    parser.add_argument("--batch-size", type=int, help="override the profile's batch size")
-    parser.add_argument("--repeats", type=int, help="timed (baseline, method) pairs per cell")
-    parser.add_argument("--device", help="override the profile's device (e.g. cuda:1)")
-    parser.add_argument("--no-isolate", action="store_true",
-                        help="run cells in this process (faster; no CPU peak memory)")
-    parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell as a child process
-
-
-def cli(args: argparse.Namespace) -> int:
-    """Run `dpbench bench` from parsed arguments; returns the exit code."""
-    if getattr(args, "cell", None):
-        row = run_cell(Cell(**json.loads(args.cell)))
-        print(_RESULT_MARK + json.dumps(row), flush=True)
-        return 0
-    rows = run_benchmark(args.profile, models=args.models, methods=args.methods, batch_size=args.batch_size,
-                         repeats=args.repeats, device=args.device, isolate=not args.no_isolate,
-                         json_path=args.json)
-    print(format_table(rows))
-    if args.json:
-        print(f"wrote {len(rows)} rows to {args.json}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpbench.training.bench", description=__doc__.splitlines()[0])
-    add_cli_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return cli(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 # ---------------------------------------------------------------------------- step breakdown
 BREAKDOWN_PARTS = ("forward", "pass1_autograd", "norms", "clipped_sums", "engine_python", "noise", "optimizer",
                    "other")
@@ -852,10 +806,34 @@ def format_breakdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- CLI
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `dpbench bench` (dpbench.workbench.cli adds them to its sub-command)."""
+    parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES),
+                        help="cpu: small CNN, resnet18-GN, vit_tiny@64 at batch 64; gpu: the paper's models; "
+                             "quick: a tiny model, batch 8, 2 repeats (a smoke test)")
+    parser.add_argument("--json", metavar="FILE", help="write the rows to FILE as JSON (atomically)")
+    parser.add_argument("--models", nargs="+", metavar="NAME", help="only these models (any timm name works)")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD",
+                        help=f"only these methods, from: {', '.join(METHODS + EXTRA_METHODS)}")
+    parser.add_argument("--batch-size", type=int, help="override the profile's batch size")
+    parser.add_argument("--repeats", type=int, help="timed (baseline, method) pairs per cell")
+    parser.add_argument("--device", help="override the profile's device (e.g. cuda:1)")
+    parser.add_argument("--no-isolate", action="store_true",
+                        help="run cells in this process (faster; no CPU peak memory)")
     parser.add_argument("--profile-step", action="store_true",
                         help="instead of the table: where one DP step's time goes (forward, backward pass, norms, "
                              "clipped sums, noise, optimizer, engine Python) beside the non-private step, per model "
                              "of the profile and dpbench method (default bk), plus torch.profiler's top operators")
+    parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell as a child process
+
+
+def cli(args: argparse.Namespace) -> int:
+    """Run `dpbench bench` from parsed arguments; returns the exit code."""
+    if getattr(args, "cell", None):
+        row = run_cell(Cell(**json.loads(args.cell)))
+        print(_RESULT_MARK + json.dumps(row), flush=True)
+        return 0
     if getattr(args, "profile_step", False):
         for c in profile_cells(args.profile, args.models, args.methods or ["bk"], args.batch_size, args.repeats,
                                args.device):
@@ -867,3 +845,25 @@ def format_breakdown(res: dict[str, Any]) -> str:
                                  warmup=c.warmup, style=c.style, profiler_rows=15)
             print(format_breakdown(res) + "\n", flush=True)
         return 0
+    rows = run_benchmark(args.profile, models=args.models, methods=args.methods, batch_size=args.batch_size,
+                         repeats=args.repeats, device=args.device, isolate=not args.no_isolate,
+                         json_path=args.json)
+    print(format_table(rows))
+    if args.json:
+        print(f"wrote {len(rows)} rows to {args.json}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dpbench.training.bench", description=__doc__.splitlines()[0])
+    add_cli_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cli(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
