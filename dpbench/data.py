@@ -305,6 +305,26 @@ class ImageDataset(torch.utils.data.Dataset):
         """Number of examples per class (length num_classes)."""
         return torch.bincount(self.y, minlength=self.num_classes)
 
+    def loader(self, batch_size: int, *, indices=None, num_workers: int | None = None,
+               pin_memory: bool | None = None) -> torch.utils.data.DataLoader:
+        """Normalised (x, y) batches in order (all examples, or `indices`), from a DataLoader.
+
+        Each batch is read by a worker process (`num_workers`; default: several for sets
+        decoded on access, none for sets held in memory) and lands in pinned memory when CUDA
+        is available (`pin_memory`), so copies to the GPU can overlap compute. Nothing but the
+        batches in flight is held in memory.
+        """
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        order = torch.arange(len(self)) if indices is None else torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if num_workers is None:
+            num_workers = _decode_workers() if self.raw is None else 0
+        # Each worker gets a whole batch of indices (ds[list]: one decode call, one normalisation).
+        sampler = torch.utils.data.BatchSampler(order.tolist(), batch_size, drop_last=False)
+        pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        return torch.utils.data.DataLoader(self, sampler=sampler, batch_size=None, num_workers=int(num_workers),
+                                           pin_memory=pin)
+
     def __repr__(self) -> str:
         return (
             f"ImageDataset(name={self.name!r}, n={len(self)}, input_shape={self.input_shape}, "
@@ -687,8 +707,62 @@ def _imagefolder_required(data_root: Path, split: str, root="imagefolder", **_):
     return [_folder_split_dir(_folder_root(data_root, root), split)]
 
 
+def _decode_workers() -> int:
+    """Decoding workers: the CPUs this process may use, at most 8 (DPBENCH_DECODE_WORKERS overrides)."""
+    env = os.environ.get("DPBENCH_DECODE_WORKERS")
+    if env:
+        return max(0, int(env))
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, n))
+
+
+class StreamedImages:
+    """An image folder's normalised images as a read-only, tensor-like view, decoded on access.
+
+    It stands for the float32 (N, C, H, W) tensor that `ImageDataset.x` holds for in-memory
+    sets, which for an image folder is never built (ImageNet's would take about 770 GB):
+    `view[idx]` (an int, a slice, or indices) decodes, resizes and normalises just those
+    images, in parallel (threads: PIL releases the GIL while decoding and resizing), into
+    pinned memory when CUDA is available. `len()`, `.shape`, `.dtype`, `.device` and `.dim()`
+    describe the tensor it stands for, so the training loop and evaluation index it like one;
+    sequential passes (feature extraction) use `dataset.loader()` (DataLoader workers).
+    """
+
+    dtype = torch.float32
+    device = torch.device("cpu")
+
+    def __init__(self, dataset: "ImageFolderDataset"):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.dataset),) + tuple(self.dataset.input_shape))
+
+    def dim(self) -> int:
+        return 1 + len(self.dataset.input_shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, (int, np.integer)):
+            return self[torch.tensor([int(index)])][0]
+        if isinstance(index, slice):
+            index = torch.arange(len(self))[index]
+        x = self.dataset.tensors(torch.as_tensor(index, dtype=torch.long).reshape(-1))[0]
+        return x.pin_memory() if torch.cuda.is_available() else x
+
+    def __repr__(self) -> str:
+        return f"StreamedImages({self.dataset.name!r}, shape={tuple(self.shape)})"
+
+
 class ImageFolderDataset(ImageDataset):
-    """Lazily decoded image folder: files are read, resized and centre-cropped on access."""
+    """Lazily decoded image folder: files are read, resized and centre-cropped on access.
+
+    `.x` is a `StreamedImages` view (decoded batch by batch, never the whole set); batches of
+    several images are decoded by a pool of threads (`DPBENCH_DECODE_WORKERS`, default the
+    usable CPUs up to 8), and `loader()` streams the set through DataLoader workers.
+    """
 
     def __init__(self, paths: list[str], y, *, image_size: int, origin_indices=None, **kw):
         self.paths = list(paths)
@@ -706,13 +780,41 @@ class ImageFolderDataset(ImageDataset):
             im = TF.center_crop(im, [self.image_size, self.image_size])
             return TF.pil_to_tensor(im)
 
+    @property
+    def x(self) -> StreamedImages:
+        """The whole set as a `StreamedImages` view: decoded on access, batch by batch."""
+        return StreamedImages(self)
+
+    def _pool(self, workers: int):
+        # One pool per process: a DataLoader worker forked from this one has none of its threads.
+        pool = getattr(self, "_decode_pool", None)
+        if pool is None or pool[0] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="dpbench-decode"))
+            self._decode_pool = pool
+        return pool[1]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_decode_pool", None)  # threads do not travel to worker processes
+        return state
+
     def _raw(self, idx: torch.Tensor) -> torch.Tensor:
         idx = idx.reshape(-1).tolist()
         out = torch.empty((len(idx),) + self.input_shape, dtype=torch.uint8)
-        it = idx
-        if len(idx) > 2000:
-            it = tqdm(idx, desc=f"decoding {self.name}", leave=False)
-        for j, i in enumerate(it):
+        workers = _decode_workers()
+        if len(idx) > 1 and workers > 1:
+            def fill(j):
+                out[j] = self._decode(self.paths[idx[j]])
+
+            jobs = self._pool(workers).map(fill, range(len(idx)))
+            if len(idx) > 2000:
+                jobs = tqdm(jobs, total=len(idx), desc=f"decoding {self.name}", leave=False)
+            for _ in jobs:  # re-raises a decoding error
+                pass
+            return out
+        for j, i in enumerate(idx):
             out[j] = self._decode(self.paths[i])
         return out
 

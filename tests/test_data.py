@@ -328,7 +328,7 @@ def test_imagefolder(tmp_path):
     assert tr.y.tolist() == [0, 0, 0, 1, 1, 2] and sorted(te.y.tolist()) == [0, 0, 1]
     assert tr.x.shape == (6, 3, 16, 16) and tr.input_shape == (3, 16, 16)
     sub = tr.subset([5, 0])
-    assert torch.equal(sub.x, tr.x[[5, 0]]) and sub.y.tolist() == [2, 0]
+    assert torch.equal(sub.x[:], tr.x[[5, 0]]) and sub.y.tolist() == [2, 0]
     with pytest.raises(UserError, match="imagefolder"):
         D.load_dataset("imagefolder", data_root=tmp_path, root="nowhere")
 

@@ -39,6 +39,7 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from dpbench.atomic import write_atomic
+from dpbench.data import StreamedImages
 from dpbench.errors import UserError
 from dpbench.models import create_model, find_head, load_checkpoint
 from dpbench.training.loop import BatchSpec, EvalSpec, OptimSpec, fit
@@ -147,7 +148,9 @@ def extract_features(
 ) -> torch.Tensor:
     """Penultimate features of `model` (eval mode) for inputs `x` (N, C, H, W), batch by
     batch: the input of the classifier head, flattened. `resize` bilinearly resizes the
-    images first (e.g. 32 -> 224 for ImageNet backbones). Returns float32 on the CPU."""
+    images first (e.g. 32 -> 224 for ImageNet backbones). Returns float32 on the CPU.
+    An image folder's `.x` (`StreamedImages`) is streamed through `dataset.loader()`: decoded
+    by DataLoader workers into pinned memory, never held whole."""
     dev = torch.device(device)
     model = model.to(dev).eval()
     head = _head_module(model)
@@ -158,8 +161,13 @@ def extract_features(
     out = []
     try:
         starts = range(0, len(x), batch_size)
-        for start in tqdm(starts, desc="features", disable=not progress or len(starts) < 2, leave=False):
-            xb = x[start:start + batch_size].to(dev, dtype=torch.float32)
+        if isinstance(x, StreamedImages):  # an image folder: streamed by DataLoader workers, pinned
+            batches = (xb for xb, _ in x.dataset.loader(batch_size))
+        else:
+            batches = (x[start:start + batch_size] for start in starts)
+        for xb in tqdm(batches, total=len(starts), desc="features", disable=not progress or len(starts) < 2,
+                       leave=False):
+            xb = xb.to(dev, dtype=torch.float32, non_blocking=True)
             if resize is not None and xb.shape[-1] != resize:
                 xb = torch.nn.functional.interpolate(xb, size=(resize, resize), mode="bilinear", align_corners=False)
             captured.clear()

@@ -35,6 +35,7 @@ from dpbench.clipping import ClippingEngine
 from dpbench.clipping.clipfns import check_clip_fn
 from dpbench.clipping.engine import METHODS
 from dpbench.clipping.grouping import STYLES
+from dpbench.data import StreamedImages
 from dpbench.errors import UserError
 from dpbench.privacy import accounting
 from dpbench.training.distributed import DataParallel
@@ -474,7 +475,8 @@ def as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = data
     else:
         raise UserError(f"cannot read training data of type {type(data).__name__}; pass an object with .x and .y or an (x, y) pair")
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+    # An image folder's x is a StreamedImages view: indexed like a tensor, decoded per batch.
+    if not isinstance(x, (torch.Tensor, StreamedImages)) or not isinstance(y, torch.Tensor):
         raise UserError("data must hold tensors; convert arrays with torch.as_tensor")
     if len(x) != len(y):
         raise UserError(f"data has {len(x)} inputs but {len(y)} labels")
