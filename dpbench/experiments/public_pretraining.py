@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 from dpbench.data import load_dataset
 from dpbench.errors import UserError
 from dpbench.experiments import study_design
-from dpbench.models import create_model
+from dpbench.experiments.plots import mean_sd_band
+from dpbench.models import SUBSETS, create_model, head_parameter_names, set_trainable, trainable_subset, zero_init_head
 from dpbench.privacy import accounting
 from dpbench.training import diagnostics, mixing
-from dpbench.training.loop import TrainResult
+from dpbench.training.loop import BatchSpec, EvalSpec, OptimSpec, TrainResult, fit
 
 SCHEDULES = ("only_private", "only_public", "sequential", "sample_ratio", "cosine")
 RESETS = ("m", "v", "t", "none")
@@ -537,6 +538,41 @@ def reset_claim(arms: Arms, seeds: Sequence[int], epsilon: float, lr: float, tes
 
 
 
+def plot_schedules(arms: Arms, schedules: Sequence[str], epsilons: Sequence[float], seeds: Sequence[int]):
+    """Figure 7: validation loss against step per schedule (mean ± sd over `seeds`), one panel
+    per epsilon, the switch dotted; from the verdict runs in `arms.runs`. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fraction = arms.public_fraction
+    fig, axes = plt.subplots(1, len(epsilons), figsize=(5.5 * len(epsilons), 4), squeeze=False)
+    for ax, eps in zip(axes[0], epsilons):
+        for name in schedules:
+            mean_sd_band(ax, arms.curves([("verdict", fraction, eps, name, s) for s in seeds]), "test_loss", name)
+        ax.axvline(arms.switch_step, color="k", ls=":", lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss")
+        ax.set_title(f"ε = {eps:g}")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"{arms.dataset}, {fraction:.0%} public: mean ± sd over {len(seeds)} seeds (switch dotted)")
+    return fig
+
+
+def subset_sizes(arms: Arms) -> dict[str, int]:
+    """Trainable parameters of each of notebook 04's named subsets on this study's model."""
+    probe = create_model(**arms.model_spec)
+    return {s: trainable_subset(probe, s).num_params for s in SUBSETS}
+
+
+def verdict_models(arms: Arms, names: Sequence[str], epsilon: float, seed: int) -> dict[str, torch.nn.Module]:
+    """The final models of the verdict runs `names` at (`epsilon`, `seed`, main public fraction):
+    the pre-trained models of the downstream step ("sequential" is DP continual pre-training)."""
+    keys = {n: ("verdict", arms.public_fraction, epsilon, n, seed) for n in names}
+    missing = [n for n, k in keys.items() if k not in arms.runs]
+    if missing:
+        raise UserError(f"downstream_arms {missing} did not run in the verdict; pick some of the schedules")
+    return {n: arms.runs[k].model for n, k in keys.items()}
+
+
 def plot_curvature_trajectory(traj, epsilon: float, seed: int):
     """tr(H) (Hutchinson) against the only-private step, one seed; returns the figure."""
     import matplotlib.pyplot as plt
@@ -566,3 +602,100 @@ def plot_reset_ablation(resets):
     ax.set_title(f"reset at the switch: mean ± 95% half-width, {len(wide)} seeds")
     differences = wide.drop(columns="m").sub(wide["m"], axis=0).agg(["mean", study_design.halfwidth])
     return fig, differences
+
+
+# --------------------------------------------------------------------------- downstream transfer
+# The paper's transfer step: a DP (continually) pre-trained feature extractor, then non-private
+# linear probing and fine-tuning on another data set (Places365, iNaturalist-2021). Here the
+# pre-trained models are the verdict's arms (the sequential one is DP continual pre-training).
+DOWNSTREAM_MODES = ("linear_probe", "fine_tune")
+TRANSFER_CLAIMS = {"places365": "A-places365-transfer-acc", "inat2021": "A-inat2021-transfer-acc"}
+
+
+def load_downstream(dataset: str, data_root: str | None, *, root: str = "", image_size: int,
+                    in_chans: int) -> tuple[Any, Any, str]:
+    """The downstream data set's train and test parts at the pre-trained model's input shape,
+    and its label: "imagefolder" reads `root` (e.g. "places365", "inat2021": <data_root>/<root>/
+    {train,val}/<class>/*) at `image_size` px; any other name is a registered data set that must
+    already have that shape (CIFAR-100 after a CIFAR-10 pre-training: the default stand-in)."""
+    if dataset == "imagefolder":
+        if not root:
+            raise UserError("downstream_dataset imagefolder needs downstream_root, e.g. places365 or inat2021 "
+                            "(a folder <data_root>/<root>/{train,val}/<class>/)")
+        kw = {"root": root, "image_size": int(image_size)}
+        label = Path(root).name
+    else:
+        kw, label = {}, dataset
+    train = load_dataset(dataset, "train", data_root=data_root, **kw)
+    test = load_dataset(dataset, "test", data_root=data_root, **kw)
+    want = (int(in_chans), int(image_size), int(image_size))
+    if tuple(train.input_shape) != want:
+        raise UserError(f"downstream data set {label} has images of shape {tuple(train.input_shape)}, but the "
+                        f"pre-trained model takes {want}; pick a data set of that shape (or an imagefolder)")
+    return train, test, label
+
+
+def transfer_model(pretrained: torch.nn.Module, model_spec: dict[str, Any], num_classes: int,
+                   mode: str) -> torch.nn.Module:
+    """A fresh copy of `pretrained` (built from `model_spec`, weights copied: no training hooks
+    travel with it) with a new zero-initialised head for `num_classes`; `mode` "linear_probe"
+    trains only that head, "fine_tune" every parameter."""
+    if mode not in DOWNSTREAM_MODES:
+        raise UserError(f"unknown downstream mode {mode!r}; choose from {', '.join(DOWNSTREAM_MODES)}")
+    model = create_model(**{**model_spec, "zero_head": False})
+    model.load_state_dict(pretrained.state_dict())
+    if hasattr(model, "reset_classifier"):  # timm
+        model.reset_classifier(int(num_classes))
+    else:  # dpbench's small nets: head is a Linear on num_features
+        model.head = torch.nn.Linear(model.num_features, int(num_classes))
+    zero_init_head(model)
+    head = head_parameter_names(model)
+    if not head:
+        raise UserError(f"{type(model).__name__}: no classifier head found to retrain")
+    set_trainable(model, head if mode == "linear_probe" else "*")
+    return model.to(next(pretrained.parameters()).device)
+
+
+def downstream_transfer(pretrained: dict[str, torch.nn.Module], model_spec: dict[str, Any], *, dataset: str,
+                        data_root: str | None, root: str = "", modes: Sequence[str] | None = None,
+                        epochs: float, lrs: dict[str, float], batch_size: int, eval_batch_size: int = 512,
+                        weight_decay: float = 0.0, device: Any = "cpu", seed: int = 0, rec: Any = None,
+                        epsilon: float | None = None) -> list[dict[str, Any]]:
+    """Non-private transfer of each pre-trained model in `pretrained` ({arm name: model}) to
+    `dataset`: per mode (linear probe, fine-tune; default: the keys of `lrs`), AdamW at `lrs[mode]` for `epochs` on the
+    downstream train part, then its test accuracy (read once per run). Rows go to `rec` as
+    `transfer_test_acc` (claim A-places365/A-inat2021 only when the data set is that one; any
+    other data set is a stand-in, labelled so); returns one dict per (arm, mode)."""
+    if not pretrained:
+        raise UserError("no pre-trained model to transfer; name some arms in downstream_arms")
+    modes = list(lrs) if modes is None else list(modes)
+    missing = [m for m in modes if m not in lrs]
+    if missing:
+        raise UserError(f"downstream_lrs has no learning rate for {missing}; give one per mode, e.g. "
+                        "{linear_probe: 0.01, fine_tune: 0.0003}")
+    train, test, label = load_downstream(dataset, data_root, root=root, image_size=model_spec.get("img_size", 32),
+                                         in_chans=model_spec.get("in_chans", 3))
+    claim = TRANSFER_CLAIMS.get(label.lower(), "")
+    kind = "the paper's data set" if claim else "stand-in for Places365 / iNaturalist-2021"
+    out = []
+    for arm, source in pretrained.items():
+        for mode in modes:
+            torch.manual_seed(seed)
+            model = transfer_model(source, model_spec, train.num_classes, mode)
+            r = fit(model, train, batching=BatchSpec(epochs=float(epochs), expected_batch_size=float(batch_size)),
+                    privacy=None, optim=OptimSpec("adamw", float(lrs[mode]), {"weight_decay": float(weight_decay)}),
+                    evaluation=EvalSpec(test_data=test, every=None, batch_size=eval_batch_size, progress=False),
+                    seed=seed, device=device, label=f"{arm}/{mode}")
+            acc = float(r.final["test_acc"])
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            out.append({"pretrained": arm, "mode": mode, "dataset": label, "role": kind, "test_acc": acc,
+                        "trainable": trainable, "steps": r.steps, "lr": float(lrs[mode]), "classes": train.num_classes})
+            if rec is None:
+                continue
+            setting = f"{label} ({kind}), {mode}, {epochs:g} epochs, pre-trained: {arm} at eps={epsilon}"
+            rec.add("transfer_test_acc", acc, method=f"{arm}/{mode}", seed=seed, study="downstream", dataset=label,
+                    epsilon=epsilon, setting=setting)
+            if claim and arm == "sequential" and mode == "linear_probe":  # (?) the abstract does not say which
+                rec.add("transfer_test_acc_percent", 100 * acc, method=f"{arm}/{mode}", seed=seed, study="downstream",
+                        dataset=label, epsilon=epsilon, comparison="analogue", claim_id=claim, setting=setting)
+    return out
