@@ -33,6 +33,7 @@ from dpbench.data import load_dataset, split_public_private
 from dpbench.errors import UserError
 from dpbench.training import features as F
 from dpbench.training import linear as L
+from dpbench.training import mixing
 
 NICE = {"least_squares": "least squares (DP-LS)", "newton": "DP Newton", "dp_fc": "DP-FC",
         "dp_sgd": "DP-SGD", "dp_adam": "DP-Adam"}
@@ -217,6 +218,23 @@ def find_checkpoint(folder: str | os.PathLike | None, missing_note: str = "") ->
     return found[0], f"public checkpoint {found[0]}"
 
 
+def checkpoint_fit(path: str | os.PathLike, name: str, resize: int | None) -> tuple[str, int | None]:
+    """Whether the checkpoint at `path` may back `name`'s features: (why not, "" when it may; the
+    resize to use). It must record the same architecture (03's 10-class resnet18 is no resnet50),
+    and it sees images at the size it was trained at: `resize` (meant for hub weights) is dropped
+    for a net trained at another size. A checkpoint without dpbench's metadata is left to the
+    strict load, at `resize`."""
+    try:
+        spec = mixing.read_public_metadata(path).model
+    except UserError:
+        return "", resize
+    if spec.get("name") and spec["name"] != name:
+        return f"it holds a {spec['name']} ({spec.get('num_classes', '?')} classes), not {name}", None
+    if resize and spec.get("img_size") and int(spec["img_size"]) != int(resize):
+        return "", None
+    return "", resize
+
+
 def select_backbone(
     name: str,
     *,
@@ -253,17 +271,21 @@ def select_backbone(
             else:
                 path, note = find_checkpoint(checkpoint_dir, checkpoint_note)
             bb = None
+            why, ckpt_resize = checkpoint_fit(path, name, resize) if path is not None else ("", None)
+            if why:
+                note, path = f"{note} not used: {why}", None
             if path is not None:
                 try:
-                    bb = F.checkpoint_backbone(name, path, num_classes=num_classes, public=public, resize=resize,
+                    bb = F.checkpoint_backbone(name, path, num_classes=num_classes, public=public, resize=ckpt_resize,
                                                note=note)
                 except Exception as exc:  # a wrong architecture or a corrupt file: say so, try the next option
                     note = f"{note} could not be loaded into {name!r} ({type(exc).__name__}: {str(exc)[:200]})"
         elif option == "public":
             bb, note = None, "no public data given to train a backbone on"
             if public is not None:
+                # trained here at the data's own size: `resize` is for hub weights, never for this net
                 bb = F.public_backbone(public_model, public, num_classes, epochs=public_epochs,
-                                       model_kwargs=public_model_kwargs, resize=resize, seed=seed, device=device)
+                                       model_kwargs=public_model_kwargs, resize=None, seed=seed, device=device)
                 note = bb.note
         else:
             raise UserError(f"unknown backbone option {option!r}; use one of {', '.join(BACKBONE_OPTIONS)}")

@@ -217,6 +217,9 @@ class Runner:
         started, t0 = provenance.now_iso(), time.perf_counter()
         error = None
         self._say(f"{spec.notebook} [{spec.profile}]: running")
+        if spec.profile in params.GPU_PROFILES and spec.device == "cpu" and not self.dry_run:
+            self._say(f"{spec.notebook} [{spec.profile}]: runs on the CPU (`device: cpu` in its profile: a GPU "
+                      f"would not speed it up)")
         saved_env = os.environ.get(RESULTS_ROOT_ENV)
         os.environ[RESULTS_ROOT_ENV] = str(root)  # upstream_dir() inside the kernel looks here
         sockets = Path(tempfile.mkdtemp(prefix="dpbench-kernel-"))  # short: Unix socket paths are capped
