@@ -43,7 +43,13 @@ Methods
   With `memory_budget` (bytes of stashed A, G or per-sample gradients, over all layers) it
   switches layers to rules that stash less, losing the least time per byte saved; in the flat
   style a layer may finally stash nothing and get its clipped sum from a second backward
-  restricted to such layers. `layer_table()` shows the choice and the measurements.
+  restricted to such layers. `layer_table()` shows the choice and the measurements. A rule
+  whose temporaries would exceed MEASURE_SLACK x the layer's stash (and 1 MiB) or the budget is
+  not measured, so that measuring never sets the run's memory peak. The choice is cached per
+  process by architecture (model class, trainable layers and their input shapes, batch size
+  rounded up to a power of two, style, budget, autocast, device type): an engine built later
+  on the same architecture reuses it without measuring (`layer_table()` shows the first
+  engine's measurements). `dpbench.clipping.engine.clear_auto_cache()` forgets it.
 
 Mixed precision: squared norms and clip factors are float32 (at least); A and G are cast to
 one dtype, float32 when it is a 16-bit float, so norms neither overflow above 256 nor
@@ -289,7 +295,8 @@ class ClippingEngine:
         model: the network; BatchNorm is refused (it mixes samples).
         max_grad_norm: C. Flat style: the threshold. Other styles: default per-group
             threshold C/sqrt(K) for K groups (K counts trainable layers for style="layer").
-        method: "auto" (= "bk"), "instantiate", "ghost", "mixed" or "bk". All give the same
+        method: "auto" (bk, with each layer's rule measured on the first batch and cached per
+            architecture), "instantiate", "ghost", "mixed" or "bk". All give the same
             gradients up to float error.
         style: "flat", "layer", "groups" or "device".
         clip_fn: "abadi" (min(1, C/||g||)) or "automatic" (C/(||g|| + gamma)).
