@@ -214,3 +214,32 @@ def test_other_timm_subclasses_are_refused():
     model = nn.Sequential(timm_layers.ScaledStdConv2d(3, 4, 3), nn.Flatten())
     with pytest.raises(UserError, match="ScaledStdConv2d"):
         ClippingEngine(model)
+
+
+@pytest.mark.parametrize("groups,same", [(1, False), (2, False), (2, True)])
+def test_stdconv_ghost_norms_match_instantiation(groups, same):
+    timm_layers = pytest.importorskip("timm.layers")
+    from dpbench.clipping.rules_timm import StdConv2dRule
+
+    torch.manual_seed(3)
+    cls = timm_layers.StdConv2dSame if same else timm_layers.StdConv2d
+    conv = cls(4, 6, 3, stride=2, groups=groups, bias=True).double()
+    x = torch.randn(5, 4, 9, 9, dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+    rule = StdConv2dRule()
+    ghost = rule.ghost_sq_norms(conv, [x], [g], ["weight", "bias"])
+    inst = rule.per_sample(conv, [x], [g], ["weight", "bias"])
+    for n in ("weight", "bias"):
+        assert torch.allclose(ghost[n], inst[n].flatten(1).pow(2).sum(1), rtol=1e-10), n
+    # the instantiated per-sample gradient is autograd's, one sample at a time
+    for i in range(2):
+        ref = torch.autograd.grad(conv(x[i:i + 1]), conv.weight, g[i:i + 1])[0]
+        assert torch.allclose(inst["weight"][i], ref, rtol=1e-10, atol=1e-12)
+    # the engine's ghost method takes this path (no per-sample gradients) and gets the same norms
+    model = nn.Sequential(conv)
+    eng = ClippingEngine(model, method="ghost", check=False)
+    norms = eng.backward(model(x).mul(g).flatten(1).sum(1))
+    assert eng.layer_table()[0]["method"] == "ghost"
+    ref = (inst["weight"].flatten(1).pow(2).sum(1) + inst["bias"].pow(2).sum(1)).sqrt()
+    assert torch.allclose(norms["all"], ref, rtol=1e-10)
+    eng.remove()

@@ -12,7 +12,8 @@ wrong rule.
   gradients are formed w.r.t. w_hat by the Conv2d rule and mapped to w through the
   standardisation's Jacobian, which is the same for every sample (it depends on w only):
   J' g = (g - mean(g) - w_hat * mean(g * w_hat)) / sqrt(var + eps), per output channel.
-  It is linear, so clipped sums are J' (sum_i c_i g_hat_i): exact, one map per step.
+  It is linear, so clipped sums are J' (sum_i c_i g_hat_i): exact, one map per step; ghost
+  norms follow from the Jacobian's closed form (see StdConv2dRule).
 - GroupNormAct / GroupNorm1Act (GroupNorm, dropout, activation in one module): the hook
   sees the gradient after the activation; the affine parameters' per-sample gradients need
   the one before it, which is recomputed here from the stored input by a vector-Jacobian
@@ -27,7 +28,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .rules import Conv2dRule, GroupNormRule, LayerNormRule, _cast, _work_dtype, register_rule
+from .rules import (CANCELLATION, Conv2dRule, GroupNormRule, LayerNormRule, _cast, _chunks, _per_sample_sq,
+                    _work_dtype, register_rule)
 
 _T = "timm.layers."
 
@@ -51,11 +53,13 @@ def _std_vjp(module, g: torch.Tensor) -> torch.Tensor:
 class StdConv2dRule(Conv2dRule):
     """timm's StdConv2d / StdConv2dSame: the Conv2d rule on w_hat, mapped to w by J' (exact).
 
-    No ghost norm: the per-channel Jacobian does not fit the (A A')(G G') form, so norms come
-    from instantiated per-sample gradients under every method.
+    Ghost norms without per-sample gradients: with g = g_io (sample i's gradient w.r.t. row o
+    of w_hat, length n), J' g = (g - (1.g)/n 1 - (w_hat.g)/n w_hat) / sigma_o and, as
+    1.w_hat = 0, ||J' g||^2 = (||g||^2 - (1.g)^2/n - (w_hat.g)^2 (2/n - |w_hat|^2/n^2)) / sigma_o^2.
+    ||g||^2 / sigma_o^2 summed over o is the ghost norm of (A, G / sigma); 1.g = sum_t G_to
+    (sum_d A_td) and w_hat.g = sum_t G_to (A w_hat')_to. Samples where these terms cancel are
+    recomputed by instantiation, as for the other ghost norms.
     """
-
-    ghost_capable = False
 
     def _same(self, module, x):
         if getattr(module, "same_pad", False):  # StdConv2dSame pads the input in its forward
@@ -80,6 +84,40 @@ class StdConv2dRule(Conv2dRule):
 
     def weight_sum(self, module, acts, grads, c):
         return _std_vjp(module, super().weight_sum(module, acts, grads, c))
+
+    def ghost_sq_norms(self, module, acts, grads, names):
+        res = {}
+        if "bias" in names:
+            res["bias"] = _per_sample_sq(self._bias(module, grads))
+        if "weight" not in names:
+            return res
+        B = grads[0].shape[0]
+        dt = _work_dtype(*acts, *grads)
+        ng = module.groups
+        v = module.weight.detach().to(dt).reshape(module.weight.shape[0], -1)
+        n = v.shape[1]
+        sigma = (v.var(1, unbiased=False) + module.eps).sqrt()
+        w_hat = ((v - v.mean(1, keepdim=True)) / sigma[:, None]).view(ng, -1, n)  # (groups, p, D)
+        proj = (2.0 / n - w_hat.pow(2).sum(-1) / n ** 2)  # (groups, p)
+        inv = (1.0 / sigma).view(1, ng, 1, -1)
+        parts = []
+        for rows in _chunks(B, self._sample_bytes(module, acts, grads, ghost=True)):
+            A, G = self._cat(module, acts, grads, rows)  # (b, groups, T, D), (b, groups, T, p)
+            Gs = G * inv
+            prod = torch.matmul(A, A.transpose(-1, -2)).mul_(torch.matmul(Gs, Gs.transpose(-1, -2)))
+            one_g = torch.einsum("bnt,bntp->bnp", A.sum(-1), Gs)  # (1.g_o) / sigma_o
+            wh_g = (Gs * torch.matmul(A, w_hat.transpose(-1, -2))).sum(2)  # (w_hat_o.g_o) / sigma_o
+            terms = one_g.pow(2).sum((1, 2)) / n + (proj * wh_g.pow(2)).sum((1, 2))
+            sq = prod.sum((1, 2, 3)) - terms
+            mag = prod.abs().sum((1, 2, 3)) + terms.abs()
+            bad = mag > CANCELLATION * sq.abs()
+            if not sq.is_meta and bool(bad.any()):  # cancelling terms: instantiate those samples
+                idx = bad.nonzero().squeeze(1)
+                ex = self.per_sample(module, [a[rows][idx] for a in acts], [g[rows][idx] for g in grads], ["weight"])
+                sq = sq.index_copy(0, idx, _per_sample_sq(ex["weight"]).to(sq.dtype))
+            parts.append(sq)
+        res["weight"] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return res
 
 
 @register_rule(_T + "norm_act.GroupNormAct")
