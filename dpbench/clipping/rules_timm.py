@@ -18,8 +18,8 @@ wrong rule.
   sees the gradient after the activation; the affine parameters' per-sample gradients need
   the one before it, which is recomputed here from the stored input by a vector-Jacobian
   product through the activation.
-- timm's LayerNorm, LayerNorm2d, GroupNorm and GroupNorm1 compute what nn.LayerNorm /
-  nn.GroupNorm compute (optionally by a fused kernel): the parents' rules.
+- timm's LayerNorm, LayerNorm2d, GroupNorm, GroupNorm1 and Linear compute what their torch
+  parents compute (optionally by a fused kernel): the parents' rules.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .rules import (CANCELLATION, Conv2dRule, GroupNormRule, LayerNormRule, _cast, _chunks, _per_sample_sq,
-                    _work_dtype, register_rule)
+from .rules import (CANCELLATION, Conv2dRule, GroupNormRule, LayerNormRule, LinearRule, _cast, _chunks,
+                    _per_sample_sq, _work_dtype, register_rule)
 
 _T = "timm.layers."
 
@@ -159,5 +159,6 @@ register_rule(_T + "norm.LayerNorm")(LayerNormRule)
 register_rule(_T + "norm.LayerNorm2d")(LayerNormRule)
 register_rule(_T + "norm.GroupNorm")(GroupNormRule)
 register_rule(_T + "norm.GroupNorm1")(GroupNormRule)
+register_rule(_T + "linear.Linear")(LinearRule)  # nn.Linear's forward (a dtype cast only when scripted)
 
 __all__ = ["StdConv2dRule", "GroupNormActRule"]
