@@ -43,12 +43,13 @@ TINY_BATCH = 32  # training batches at most this (physical chunks half of it, so
 # Upper bounds for sizes the smoke profile does not bound (key pattern, cap).
 SIZE_CAPS = [(r"(^|_)batch(_size)?$|^max_physical_batch$", 16), (r"(^|_)(steps|epochs)$", 4),
              (r"seeds$", 2), (r"(^|_)(repeats|warmup)$", 1), (r"(trials|canaries)$", 500),
-             (r"(^|_)n$|_n$|_(test|public|public_val)$|examples$", 512), (r"num_threads$", 1)]
+             (r"(^|_)n$|_n$|_(test|public|public_val)$|examples$", 512), (r"num_threads$", 1), (r"(^|_)num_", 3)]
 SIZE_KEY = re.compile(
     r"(^|_)(steps|step|epochs|batch|batch_size|seeds|repeats|warmup|examples|probes|samples|trials|canaries|n|test|"
-    r"public|public_val|threads|pool_size|stages|dim|var_samples)$|^max_physical_batch$|^n_"
+    r"public|public_val|threads|pool_size|stages|dim|var_samples)$|^max_physical_batch$|^n_|(^|_)num_"
 )
-PX_KEY = re.compile(r"(^|_)(img_size|image_size|resize|px)$|^size$")
+TOL_KEY = re.compile(r"(^|_)(tol|tolerance)$")  # a looser tolerance: fewer search iterations
+PX_KEY = re.compile(r"(^|_)(img_size|image_size|resize|resize_to|px)$|^size$")
 MODEL_SPEC = re.compile(r"^(?P<name>[^@:]+)@(?P<px>\d+)(:(?P<batch>\d+))?$")  # notebook 01's "name@px:batch"
 
 
@@ -59,6 +60,8 @@ def _is_num(v: Any) -> bool:
 def _shrink_number(key: str, value, smoke) -> Any:
     if value == 0:
         return value
+    if TOL_KEY.search(key):
+        return max(value, smoke) if _is_num(smoke) else value
     if PX_KEY.search(key):
         return min(value, MAX_PX) if not _is_num(smoke) or smoke == 0 else min(value, max(smoke, 1), MAX_PX)
     if not SIZE_KEY.search(key):
@@ -138,6 +141,8 @@ def dryrun_params(gpu: dict[str, Any], smoke: dict[str, Any] | None = None,
             new = _shrink_list(key, value, smoke.get(key))
         elif isinstance(value, str):
             new = _shrink_model(value)
+        elif isinstance(value, dict):  # model kwargs: image sizes inside them shrink too (resize_to: 224)
+            new = {k: min(v, MAX_PX) if PX_KEY.search(k) and _is_num(v) and v > 0 else v for k, v in value.items()}
         else:
             new = value
         out[key] = new
@@ -169,6 +174,8 @@ def not_exercised(spec_params: dict[str, Any], profile_params: dict[str, Any], w
         notes.append("pretrained weights: " + ", ".join(weights) + " replaced by local random weights in a temporary "
                      "hub cache (the loading code is the real one)")
     big = {k: v for k, v in profile_params.items() if PX_KEY.search(k) and _is_num(v) and v > MAX_PX}
+    big.update({f"{k}.{kk}": vv for k, v in profile_params.items() if isinstance(v, dict)
+                for kk, vv in v.items() if PX_KEY.search(kk) and _is_num(vv) and vv > MAX_PX})
     big_models = [m for m in profile_params.get("models", []) or [] if isinstance(m, str) and MODEL_SPEC.match(m)
                   and int(MODEL_SPEC.match(m)["px"]) > MAX_PX]
     if big or big_models:
@@ -282,7 +289,40 @@ def run(notebooks: list[str], profile: str = "gpu", *, repo=None, results=None, 
     weights = sorted({w for s in ordered for w in s.dry_run["random_weights"]})
     with environment(weights):
         for spec in ordered:
-            P.check_weights(spec)  # the random weights are in place: this is the real pre-flight
+            P.check_datasets(spec)  # the stand-ins and random weights are in place: the real pre-flight
+            P.check_weights(spec)
             lines = spec.dry_run["not_exercised"] or ["(nothing: the CPU runs this notebook's whole gpu path)"]
             runner._say(f"{spec.notebook} [{profile} dry run]: not exercised on the CPU:\n  - " + "\n  - ".join(lines))
-        return run_in_order(runner, ordered, force=force)
+        results = run_in_order(runner, ordered, force=force)
+    return [_check_rows(runner, r) for r in results]
+
+
+# A row whose reason is an exception ("RuntimeError: ...") is a crash the notebook caught and
+# recorded; in a dry run it fails the notebook. Rows a CPU cannot measure ("not measured: ...")
+# are not crashes.
+CRASH_REASON = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
+
+
+def _check_rows(runner: Runner, result):
+    """`result`, turned failed when its metrics.csv holds rows that recorded a caught exception
+    (the manifest says so too)."""
+    import csv
+
+    from dpbench.atomic import write_json_atomic
+
+    path = Path(result.path) / "metrics.csv"
+    if result.status != "ok" or not path.is_file():
+        return result
+    with open(path, newline="") as f:
+        crashed = [r for r in csv.DictReader(f) if r.get("status") == "failed" and CRASH_REASON.match(r.get("reason") or "")]
+    if not crashed:
+        return result
+    kinds = sorted({f"{r.get('method') or '?'}{' on ' + r['model'] if r.get('model') else ''}: {r['reason'][:160]}" for r in crashed})
+    msg = f"{len(crashed)} metrics rows recorded a caught exception: " + " | ".join(kinds[:4])
+    manifest = json.loads((Path(result.path) / "manifest.json").read_text())
+    manifest["status"] = "failed"
+    manifest["error"] = {"name": "DryRunCaughtException", "message": msg}
+    write_json_atomic(Path(result.path) / "manifest.json", manifest)
+    runner._say(f"{result.notebook} [{result.profile} dry run]: FAILED {msg}")
+    result.status, result.error = "failed", manifest["error"]
+    return result

@@ -292,7 +292,8 @@ def build(profile: str, repo: str | os.PathLike | None = None, results: str | os
     summary is empty (and says so)."""
     params.check_profile(profile)
     repo = Path(repo) if repo else runner.find_repo()
-    root = Path(results) if results else runner.results_root(repo)
+    # where this machine's runs of the profile went (a gpu profile without CUDA: not results/gpu/)
+    root = runner.profile_root(Path(results) if results else runner.results_root(repo), profile)
     entries = collect(profile, repo, root)
     ref = Path(references) if references else repo / REFERENCES
     if references and not ref.is_file():
@@ -710,7 +711,7 @@ def write(rep: Report, output: str | os.PathLike | None = None, repo=None, resul
     """Render `rep` and write it (atomically) to `output` or results/<profile>/report.html."""
     if output is None:
         root = Path(results) if results else runner.results_root(Path(repo) if repo else runner.find_repo())
-        output = root / rep.profile / "report.html"
+        output = runner.profile_root(root, rep.profile) / rep.profile / "report.html"
     return write_atomic(Path(output), render(rep.profile, rep.entries, rep))
 
 

@@ -94,6 +94,15 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
+def profile_root(results: str | os.PathLike, profile: str) -> Path:
+    """The results root that runs of `profile` on this machine use, below the results folder
+    `results`: itself, or `results/gpu-profile-on-cpu/` for a gpu profile without CUDA (so
+    that `results/gpu/` is written only by runs on CUDA). The runner and the report use it."""
+    if profile in params.GPU_PROFILES and not params.cuda_available():
+        return Path(results) / GPU_WITHOUT_CUDA_DIR
+    return Path(results)
+
+
 # --------------------------------------------------------------------------- execution
 
 
@@ -141,9 +150,7 @@ class Runner:
         under `results/dryrun/`."""
         if self.dry_run:
             return self.results / DRYRUN_DIR
-        if profile == "gpu" and not params.cuda_available():
-            return self.results / GPU_WITHOUT_CUDA_DIR
-        return self.results
+        return profile_root(self.results, profile)
 
     def result_dir(self, profile: str, notebook: str) -> Path:
         return self.root_for(profile) / profile / notebook
