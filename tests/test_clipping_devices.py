@@ -75,6 +75,23 @@ def test_every_method_and_style_runs_on_meta(style):
             eng.remove()
 
 
+def test_timm_rules_run_on_meta():
+    timm_layers = pytest.importorskip("timm.layers")
+    for method in METHODS:
+        for same in (False, True):
+            conv = timm_layers.StdConv2dSame(3, 4, 3, stride=2) if same else timm_layers.StdConv2d(3, 4, 3)
+            model = nn.Sequential(conv, timm_layers.GroupNormAct(4, 2), nn.Flatten(),
+                                  nn.Linear(4 * (9 if same else 36), 3)).to("meta")
+            x = torch.randn(3, 3, 6, 6, device="meta")
+            eng = ClippingEngine(model, method=method, check=False)
+            for _ in range(2):
+                model.zero_grad()
+                norms = eng.backward(F.cross_entropy(model(x), torch.zeros(3, dtype=torch.long, device="meta"),
+                                                     reduction="none"))
+                assert norms["all"].is_meta and all(p.grad.is_meta for p in model.parameters()), method
+            eng.remove()
+
+
 # ------------------------------------------------------------------ TF32
 def _flags():
     b = torch.backends
