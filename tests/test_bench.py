@@ -117,3 +117,20 @@ def test_table_shows_the_median_of_pair_ratios_beside_the_ratio_of_medians():
     at = lambda name: lines[2][lines[0].index(name):].split()[0]  # noqa: E731  (the value under a header)
     assert at("step/base") == "2.00" and at("x time (median of pairs)") == "3.00" and at("base s") == "2.0000"
     assert any("median of the per-pair ratios" in line for line in lines)
+
+
+def test_step_breakdown_splits_a_dp_step_and_restores_the_engine():
+    """--profile-step: every part measured, parts add up to the step, the engine module untouched after."""
+    import dpbench.clipping.engine as engine_mod
+    from dpbench.training.bench import BREAKDOWN_PARTS, format_breakdown, step_breakdown
+
+    torch_before = engine_mod.torch
+    res = step_breakdown("tiny_cnn", 16, 4, "bk", repeats=2, warmup=1, profiler_rows=3)
+    assert engine_mod.torch is torch_before
+    d = res["dp"]
+    assert set(BREAKDOWN_PARTS) <= set(d) and d["total"] > 0
+    assert d["forward"] > 0 and d["pass1_autograd"] > 0 and d["norms"] > 0 and d["clipped_sums"] > 0
+    assert abs(sum(d[k] for k in BREAKDOWN_PARTS) - d["total"]) < 0.05 * d["total"] + 1e-3
+    assert res["nonprivate"]["total"] > 0 and res["ratio"] > 0
+    text = format_breakdown(res)
+    assert "norms" in text and "torch.profiler" in text
