@@ -339,6 +339,36 @@ def test_dp_sgd_head_noise_shrinks_with_epsilon(regime_task):
     assert near < far
 
 
+def test_logistic_runs_in_one_pass_equal_each_run_alone(regime_task):
+    t = regime_task
+    runs = [dict(epsilon=e, seed=s, batch_fraction=q, steps=st, lr=lr, optimizer=o)
+            for e, s, q, st, lr, o in [(1.0, 0, 0.2, 6, 4.0, "sgd"), (None, 0, 0.2, 6, 0.1, "adam"),
+                                       (8.0, 1, 0.2, 6, 4.0, "sgd"), (1.0, 0, None, 3, 8.0, "sgd"),
+                                       (2.0, 2, None, 3, 0.1, "adam")]]
+    together = fr.logistic_runs(t.private, 4, runs, delta=1e-5, max_columns=10**9)
+    chunked = fr.logistic_runs(t.private, 4, runs, delta=1e-5, max_columns=1)  # one run per chunk
+    for r, (w, b), (w2, b2) in zip(runs, together, chunked):
+        w1, b1 = fr.dp_sgd_head(t.private, 4, delta=1e-5, **{k: v for k, v in r.items()})
+        assert torch.allclose(w, w1, atol=1e-5) and torch.allclose(b, b1, atol=1e-5)
+        assert torch.allclose(w, w2, atol=1e-5)
+    assert not torch.allclose(together[0][0], together[2][0])
+
+
+def test_newton_runner_reuses_the_gram_and_matches_the_solver(regime_task):
+    t = regime_task
+    st = fr.sufficient_stats(t.private, 4, 1.0)
+    assert torch.allclose(st.gram, (t.private.x.T @ t.private.x).double(), rtol=1e-4, atol=1e-3)
+    cfg = dict(lr=1.0, lam=1.0, lam_noise=0.5)
+    (w, _), = fr.newton_runs(t.private, st, 4, [dict(epsilon=3.0, seed=2, **cfg)], steps=2, hessian_fraction=0.5,
+                             delta=1e-5, conversion="pld")
+    ref = L.dp_newton(t.private.x, t.private.y, 4, epsilon=3.0, delta=1e-5, steps=2, hessian_fraction=0.5, seed=2,
+                      shared_first_hessian=True, **cfg)
+    assert torch.allclose(w, ref.weights, rtol=1e-4, atol=1e-5)
+    runner = fr.Runner(t, t.private, delta=1e-5, conversion="pld", newton_steps=2, hessian_fraction=0.5)
+    acc = runner.run("newton", [(None, 0, cfg), (3.0, 2, cfg)], t.test)
+    assert len(acc) == 2 and acc[0] > 0.5  # the non-private ceiling learns the task
+
+
 def test_every_solver_gets_an_equal_tuning_budget():
     grids = fr.default_grids(1000)
     assert fr.equal_budget(grids) == len(grids["least_squares"])
@@ -379,3 +409,11 @@ def test_claim_rows_are_keyed_to_n_eps_bands_never_pooled():
         assert set(r) <= {"metric", "value", "method", "epsilon", "n", "seed", "claim_id", "unit", "feature_set",
                           "setting"}
     assert not [r for r in rows if r["claim_id"] == "E-newton-beats-ls-high-eps"]  # newton not run: no rows
+    newton = [dict(method="newton", epsilon=e, seed=s, accuracy=0.6) for e in eps for s in range(2)]
+    rows = fr.claim_rows(results + newton, n, setting="t")
+    nt = [r for r in rows if r["claim_id"] == "E-newton-beats-ls-high-eps"]
+    assert {r["method"] for r in nt} == {"newton", "least_squares"} and {r["epsilon"] for r in nt} == set(eps[2:])
+    for claim, band_eps in (("E-dpfc-best", eps[:2]), ("E-dpfc-best-high-eps", eps[2:])):
+        got = [r for r in rows if r["claim_id"] == claim]
+        assert {r["method"] for r in got} == {"dp_fc", "least_squares", "newton"}
+        assert {r["epsilon"] for r in got} == set(band_eps)

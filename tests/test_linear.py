@@ -252,10 +252,67 @@ def test_newton_noise_uses_joint_sensitivity():
     x, y = _data(n=300, classes=4)
     res = L.dp_newton(x, y, 4, epsilon=1.0, steps=2, clip_norm=2.0, conversion="classic")
     assert res.noise_multipliers["hessian"] == res.noise_multipliers["gradient"]
+    assert "hessian_first" not in res.noise_multipliers  # the authors' L releases at the first step too
     assert math.isclose(res.sensitivities["hessian"], math.sqrt(4) * 4.0 / 4)
     assert math.isclose(res.sensitivities["gradient"], math.sqrt(4) * 2.0)
     # 2T = 4 equal releases under the classic conversion
     assert math.isclose(res.noise_multipliers["gradient"], L.calibrate_releases(1.0, 1e-5, [1] * 4, "classic")[0])
+
+
+def test_newton_hessian_and_gradient_sensitivities_hold_on_neighbours():
+    # add/remove one example: the joint change of the L class Hessians is at most sqrt(L) C^2/4, of the
+    # L gradients at most sqrt(L) C, and of the first Hessian (W = 0: p0(1-p0) X'X) p0(1-p0) C^2
+    x, y = _data(n=200, d=6, classes=4, scale=3.0)
+    c, nc = 1.5, 4
+    xc = L.clip_features(x, c)
+    yy = L.one_hot(y, nc, x.dtype)
+    g = torch.Generator().manual_seed(0)
+    res = L.dp_newton(x, y, nc, epsilon=1.0, steps=2, clip_norm=c, bias=-1.0, dtype=torch.float64,
+                      shared_first_hessian=True)
+    for _ in range(5):
+        w, b = torch.randn(nc, 6, generator=g, dtype=torch.float64), torch.randn(nc, generator=g, dtype=torch.float64)
+        _, resid, curv = L._ova_stats(xc, w, b, yy)
+        full_h, full_g = L.class_hessians(xc, curv), resid.T @ xc
+        for i in (0, 7, 99):
+            keep = torch.arange(len(y)) != i
+            dh = (full_h - L.class_hessians(xc[keep], curv[keep])).norm()
+            dg = (full_g - resid[keep].T @ xc[keep]).norm()
+            assert dh <= res.sensitivities["hessian"] * (1 + 1e-9) and dg <= res.sensitivities["gradient"] * (1 + 1e-9)
+    p0 = 1 / (1 + math.exp(1.0))
+    assert math.isclose(res.sensitivities["hessian_first"], p0 * (1 - p0) * c**2)
+    _, _, curv0 = L._ova_stats(xc, torch.zeros(nc, 6, dtype=torch.float64), torch.full((nc,), -1.0, dtype=torch.float64), yy)
+    assert torch.allclose(L.class_hessians(xc, curv0), (p0 * (1 - p0) * xc.T @ xc).expand(nc, 6, 6))
+    assert float(xc[0].norm()) ** 2 * p0 * (1 - p0) <= res.sensitivities["hessian_first"] * (1 + 1e-9)
+
+
+def test_newton_first_step_from_the_gram_matches_per_class_hessians():
+    x, y = _data(n=300, classes=4)
+    a = L.dp_newton(x, y, 4, epsilon=None, steps=3, lam=0.5, dtype=torch.float64)
+    xc = L.clip_features(x, 1.0)
+    b = L.dp_newton(x, y, 4, epsilon=None, steps=3, lam=0.5, dtype=torch.float64, gram=xc.T @ xc)
+    assert torch.allclose(a.weights, b.weights)
+    with pytest.raises(UserError, match="gram"):
+        L.dp_newton(x, y, 4, epsilon=None, steps=2, gram=torch.eye(3))
+
+
+def test_newton_subsampled_hessians_are_accounted_without_amplification():
+    x, y = _data(n=400, classes=3)
+    full = L.dp_newton(x, y, 3, epsilon=2.0, steps=3, conversion="classic")
+    sub = L.dp_newton(x, y, 3, epsilon=2.0, steps=3, hessian_fraction=0.2, conversion="classic")
+    # the subsample changes the computation, never the accounting: the same 2T releases and s
+    assert sub.noise_multipliers == full.noise_multipliers and sub.epsilons == full.epsilons
+    assert 2.0 * 0.99 <= sub.epsilon <= 2.0 * 1.002
+    assert not torch.equal(sub.weights, full.weights)
+    # the noise ridge of a later step sees the noise on the estimate divided by q
+    a = L.dp_newton(x, y, 3, epsilon=2.0, steps=3, hessian_fraction=0.2, lam_noise=1.0, conversion="classic")
+    b = L.dp_newton(x, y, 3, epsilon=2.0, steps=3, lam_noise=1.0, conversion="classic")
+    assert a.info["ridges"][0] == pytest.approx(b.info["ridges"][0])
+    assert a.info["ridges"][1] - 1.0 == pytest.approx((b.info["ridges"][1] - 1.0) / 0.2)
+    # one release of the shared first Hessian: same accounting, less noise on it
+    sh = L.dp_newton(x, y, 3, epsilon=2.0, steps=3, lam_noise=1.0, conversion="classic", shared_first_hessian=True)
+    assert sh.epsilons == b.epsilons and sh.info["ridges"][0] < b.info["ridges"][0]
+    with pytest.raises(UserError, match="hessian_fraction"):
+        L.dp_newton(x, y, 3, epsilon=2.0, steps=3, hessian_fraction=0.0)
 
 
 def test_dp_fc_budget_split():

@@ -12,11 +12,15 @@ d >= 512) at epsilons whose n·eps spans ImageNet's eps from 0.1 to 8, with:
 - each solver's non-private ceiling (its best public-tuned configuration without noise);
 - sufficient statistics computed once: DP least squares and DP-FC add fresh noise per
   (epsilon, seed) to statistics computed once (`ls_noisy` / `fc_runs` reproduce
-  `linear.dp_least_squares` / `linear.dp_fc` exactly, same generator order; tested);
+  `linear.dp_least_squares` / `linear.dp_fc` exactly, same generator order; tested); DP Newton's
+  first Hessian (at W = 0 it is p0(1-p0) X'X) comes from the same X'X, its later Hessians from a
+  Poisson subsample of the private set (n d^2 L multiply-adds per full Hessian, 5e11 at the cpu
+  setting, is what kept Newton off the cpu profile), the subsampling accounted;
 - claim rows keyed by n and epsilon, averaged per seed only within one n·eps band, never
   across bands; their columns hold nothing that varies within a band except epsilon.
-DP-SGD / DP-Adam on the head run in closed form (`dp_sgd_head`, the mechanism of
-`linear.dp_sgd_logistic` without the general loop, which takes ~13 s per run at this n).
+DP-SGD / DP-Adam on the head run in closed form (`logistic_runs`, the mechanism of
+`linear.dp_sgd_logistic` without the general loop, which takes ~13 s per run at this n), many
+runs per pass over the data.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from dpbench.training import features as F
 from dpbench.training import linear as L
 
 MAT = L.MAT
-FAST = ("least_squares", "dp_fc")  # solvers run here on statistics computed once
+FAST = ("least_squares", "dp_fc", "newton")  # solvers run here on statistics computed once
 LOGISTIC = ("dp_sgd", "dp_adam")
 
 
@@ -117,8 +121,7 @@ def sufficient_stats(split: Split, num_classes: int, clip_norm: float) -> Stats:
     """The statistics DP least squares and DP-FC release, computed once per data set (the
     features are already clipped)."""
     x, y = split.x, split.y
-    gram = (x.T @ x).to(MAT)
-    per_class = torch.stack([x[y == c].T @ x[y == c] for c in range(num_classes)]).to(MAT)
+    per_class, gram = L.class_grams(x, y, num_classes)
     sums = (L.one_hot(y, num_classes, x.dtype).T @ x).to(MAT)
     return Stats(gram, per_class, sums, split.n, float(clip_norm))
 
@@ -161,7 +164,7 @@ def ls_solve(noisy: NoisyLS, *, alpha: float, lam: float, lam_noise: float) -> t
     d = noisy.gram.shape[0]
     ridge = lam + (L.noise_ridge(lam_noise, d, noisy.noise_a + alpha * noisy.noise_g) if noisy.noise_a else 0.0)
     a = noisy.per_class + alpha * noisy.gram + ridge * torch.eye(d, dtype=MAT)
-    theta = torch.linalg.solve(a, noisy.sums.unsqueeze(-1)).squeeze(-1)
+    theta = L.spd_solve(a, noisy.sums)
     return theta, torch.zeros(theta.shape[0], dtype=MAT)
 
 
@@ -171,11 +174,13 @@ def accuracy(w: torch.Tensor, b: torch.Tensor, split: Split) -> float:
 
 
 def fc_runs(split: Split, stats: Stats, num_classes: int, runs: Sequence[dict[str, Any]], *, steps: int,
-            bias: float, delta: float, conversion: str, cg_tol: float = 1e-8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            bias: float, delta: float, conversion: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """DP-FC (as `linear.dp_fc`, one noise multiplier for the T + 1 releases) for several runs
     at once: each run is a dict with `epsilon` (None: no noise), `seed`, `lr`, `lam` and
     `lam_noise`. The covariance release reuses `stats.gram`; one pass over the data per step
-    serves every run. Returns (weights, bias) per run."""
+    serves every run; the fixed preconditioner is factorised once per run (Cholesky, where
+    `linear.dp_fc` runs conjugate gradient each step: the same solution). Returns (weights,
+    bias) per run."""
     x, c = split.x, stats.clip_norm
     d, nc, c2 = x.shape[1], num_classes, c ** 2
     yy = L.one_hot(split.y, nc, x.dtype)
@@ -190,7 +195,8 @@ def fc_runs(split: Split, stats: Stats, num_classes: int, runs: Sequence[dict[st
             gen = _gen(r["seed"])
             cov = L.project_psd(stats.gram + L.symmetric_gaussian_noise(d, sig[0] * c2, gen, dtype=MAT))
             s_grad, ridge = sig[1], float(r["lam"]) + L.noise_ridge(r["lam_noise"], d, sig[0] * c2)
-        state.append(dict(pre=cov + ridge * torch.eye(d, dtype=MAT), gen=gen, s=s_grad, lr=float(r["lr"]),
+        chol = torch.linalg.cholesky(cov + ridge * torch.eye(d, dtype=MAT))  # PSD + ridge > 0
+        state.append(dict(chol=chol, gen=gen, s=s_grad, lr=float(r["lr"]),
                           w=torch.zeros(nc, d, dtype=MAT)))
     b = torch.full((nc,), float(bias), dtype=MAT)
     for _ in range(int(steps)):
@@ -202,8 +208,7 @@ def fc_runs(split: Split, stats: Stats, num_classes: int, runs: Sequence[dict[st
         for s, g in zip(state, g_all):
             if s["gen"] is not None:
                 g = g + torch.randn(g.shape, generator=s["gen"], dtype=MAT) * (s["s"] * c)
-            step = L.conjugate_gradient(lambda v, m=s["pre"]: m @ v, g.T, tol=cg_tol)
-            s["w"] = s["w"] - s["lr"] * step.T
+            s["w"] = s["w"] - s["lr"] * torch.cholesky_solve(g.T, s["chol"]).T
     return [(s["w"], b) for s in state]
 
 
@@ -214,50 +219,115 @@ def head_gradient_norms(resid: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return resid.norm(dim=1) * torch.sqrt(x.pow(2).sum(1) + 1.0)
 
 
+MASK_STREAM = 0x5EED0000  # Poisson batches come from a stream of the run's seed separate from its noise
+
+
+def _sgd_sigma(epsilon: float | None, q: float, steps: int, delta: float, conversion: str) -> float:
+    """DP-SGD's noise multiplier: `steps` unsampled Gaussian releases (q = 1) or Poisson-subsampled ones."""
+    if epsilon is None:
+        return 0.0
+    if q == 1.0:
+        return L.calibrate_releases(epsilon, delta, [1.0] * int(steps), conversion)[0]
+    # A PLD grid finer than eps/2000 only costs time at the large epsilons here (tens of seconds
+    # per calibration at eps ~ 200); a coarser pessimistic grid still bounds epsilon from above.
+    grid = max(accounting.pld_interval(int(steps)), float(epsilon) / 2000) if conversion == "pld" else None
+    return accounting.noise_multiplier(epsilon, q, int(steps), delta=delta, accountant=conversion, tol=1e-4,
+                                       pld_discretization=grid)
+
+
+def logistic_runs(split: Split, num_classes: int, runs: Sequence[dict[str, Any]], *, delta: float,
+                  conversion: str = "pld", grad_clip: float = 1.0, betas: tuple = (0.9, 0.999), adam_eps: float = 1e-8,
+                  max_columns: int = 20_000_000) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """DP-SGD / DP-Adam of zero-initialised linear softmax heads, in closed form, for many runs.
+
+    Each run is a dict with `epsilon` (None: no clipping, no noise), `seed`, `batch_fraction`
+    (q; None = the full batch), `steps`, `lr` and `optimizer` ("sgd" or "adam"). The mechanism of
+    `linear.dp_sgd_logistic` (which runs the shared loop; too slow for the regime study's runs at
+    n = 200,000): each step takes a Poisson batch of rate q, clips every example's gradient of
+    (W, b) to `grad_clip` (norms by `head_gradient_norms`), adds N(0, sigma^2 grad_clip^2) once
+    to the sum, divides by the expected batch q n and steps; sigma is calibrated for (epsilon,
+    delta) over `steps` subsampled (q < 1) or unsampled (q = 1) Gaussian releases.
+
+    Runs with the same (q, steps) -- and, when sampled, the same seed -- share their batches and
+    one pass over the data per step. Batches come from a stream of the seed apart from the noise
+    (each run on its own is the mechanism above; runs at other epsilons, step sizes or optimizers
+    see the same batches: common random numbers). Returns (W, b) per run."""
+    x, y = split.x, split.y
+    n, d = x.shape
+    yy = L.one_hot(y, num_classes, x.dtype)
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(runs):
+        q = 1.0 if r.get("batch_fraction") is None else float(r["batch_fraction"])
+        if not 0 < q <= 1 or int(r["steps"]) < 1 or r.get("optimizer", "sgd") not in ("sgd", "adam"):
+            raise UserError(f"need batch_fraction in (0, 1], steps >= 1 and optimizer sgd|adam, got {r!r}")
+        groups.setdefault((q, int(r["steps"]), int(r["seed"]) if q < 1 else None), []).append(i)
+    out: list = [None] * len(runs)
+    for (q, steps, mask_seed), members in groups.items():
+        per_chunk = max(1, int(max_columns // (max(1, round(q * n)) * num_classes)))
+        for lo in range(0, len(members), per_chunk):
+            chunk = members[lo:lo + per_chunk]
+            heads = _logistic_group(x, yy, [runs[i] for i in chunk], q, steps, mask_seed, delta=delta,
+                                    conversion=conversion, grad_clip=grad_clip, betas=betas, adam_eps=adam_eps)
+            for i, head in zip(chunk, heads):
+                out[i] = head
+    return out
+
+
+def _logistic_group(x, yy, runs, q, steps, mask_seed, *, delta, conversion, grad_clip, betas, adam_eps):
+    """`logistic_runs` for runs that share (q, steps) and, when q < 1, the batch stream."""
+    n, d = x.shape
+    nc, k = yy.shape[1], len(runs)
+    sig = torch.tensor([_sgd_sigma(r["epsilon"], q, steps, delta, conversion) for r in runs]).view(k, 1, 1)
+    private = torch.tensor([r["epsilon"] is not None for r in runs])
+    adam = torch.tensor([r.get("optimizer", "sgd") == "adam" for r in runs]).view(k, 1, 1)
+    lr = torch.tensor([float(r["lr"]) for r in runs]).view(k, 1, 1)
+    gens = [_gen(r["seed"]) for r in runs]
+    batches = _gen(MASK_STREAM + mask_seed) if q < 1 else None
+    w = torch.zeros(k, nc, d + 1)  # [W, b] per run
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    for t in range(1, int(steps) + 1):
+        if batches is not None:
+            idx = torch.nonzero(torch.rand(n, generator=batches) < q).reshape(-1)
+            xb, yb = x[idx], yy[idx]
+        else:
+            xb, yb = x, yy
+        logits = (xb @ w[:, :, :d].reshape(k * nc, d).T).view(-1, k, nc) + w[:, :, d]
+        resid = torch.softmax(logits, dim=2) - yb.unsqueeze(1)  # (B, k, L)
+        norms = resid.norm(dim=2) * torch.sqrt(xb.pow(2).sum(1) + 1.0).unsqueeze(1)  # head_gradient_norms per run
+        factor = torch.where(private, torch.clamp(grad_clip / norms.clamp_min(1e-30), max=1.0), torch.ones_like(norms))
+        resid = resid * factor.unsqueeze(2)
+        g = torch.cat([(resid.reshape(len(xb), k * nc).T @ xb).view(k, nc, d), resid.sum(0).unsqueeze(2)], dim=2)
+        noise = torch.stack([torch.randn((nc, d + 1), generator=gen) for gen in gens])
+        g = (g + noise * sig * grad_clip) / (q * n)  # sigma = 0 without DP; divided by the expected batch, as DPOptimizer
+        m = torch.where(adam, betas[0] * m + (1 - betas[0]) * g, m)
+        v = torch.where(adam, betas[1] * v + (1 - betas[1]) * g * g, v)
+        adam_step = (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + adam_eps)
+        w = w - lr * torch.where(adam, adam_step, g)
+    return [(w[j, :, :d].to(MAT), w[j, :, d].to(MAT)) for j in range(k)]
+
+
 def dp_sgd_head(split: Split, num_classes: int, *, epsilon: float | None, delta: float, batch_fraction: float | None,
                 steps: int, lr: float, optimizer: str = "sgd", grad_clip: float = 1.0, conversion: str = "pld",
                 seed: int = 0, betas: tuple = (0.9, 0.999), adam_eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    """DP-SGD / DP-Adam of a zero-initialised linear softmax head, in closed form.
+    """One DP-SGD / DP-Adam run of `logistic_runs`; returns (W, b)."""
+    run = dict(epsilon=epsilon, seed=seed, batch_fraction=batch_fraction, steps=steps, lr=lr, optimizer=optimizer)
+    return logistic_runs(split, num_classes, [run], delta=delta, conversion=conversion, grad_clip=grad_clip,
+                         betas=betas, adam_eps=adam_eps)[0]
 
-    The same mechanism as `linear.dp_sgd_logistic` (which runs the shared loop; too slow for
-    the ~100 runs of the regime study at n = 200,000): each step draws a Poisson batch with
-    rate q = `batch_fraction` (None: the full batch, q = 1), clips every example's gradient to
-    `grad_clip` (norms by `head_gradient_norms`), adds N(0, sigma^2 grad_clip^2) once to the
-    summed gradient of (W, b), divides by the expected batch q n and steps. sigma is calibrated
-    for (epsilon, delta) over `steps` Poisson-subsampled Gaussian steps (q < 1) or `steps`
-    unsampled Gaussian releases (q = 1). Returns (W, b)."""
-    x, y = split.x, split.y
-    n, d = x.shape
-    q = 1.0 if batch_fraction is None else float(batch_fraction)
-    if not 0 < q <= 1 or int(steps) < 1:
-        raise UserError(f"need batch_fraction in (0, 1] and steps >= 1, got {batch_fraction!r}, {steps!r}")
-    if epsilon is None:
-        sigma = 0.0
-    elif q == 1.0:
-        sigma = L.calibrate_releases(epsilon, delta, [1.0] * int(steps), conversion)[0]
-    else:
-        sigma = accounting.noise_multiplier(epsilon, q, int(steps), delta=delta, accountant=conversion, tol=1e-4)
-    gen = _gen(seed)
-    w = torch.zeros(num_classes, d + 1)  # [W, b]
-    m, v = torch.zeros_like(w), torch.zeros_like(w)
-    yy = L.one_hot(y, num_classes, x.dtype)
-    for t in range(1, int(steps) + 1):
-        idx = torch.nonzero(torch.rand(n, generator=gen) < q).reshape(-1) if q < 1 else None
-        xb, yb = (x, yy) if idx is None else (x[idx], yy[idx])
-        resid = torch.softmax(xb @ w[:, :d].T + w[:, d], dim=1) - yb
-        if epsilon is not None:
-            resid = resid * torch.clamp(grad_clip / head_gradient_norms(resid, xb).clamp_min(1e-30), max=1.0)[:, None]
-        g = torch.cat([resid.T @ xb, resid.sum(0)[:, None]], dim=1)
-        if epsilon is not None:
-            g = g + torch.randn(g.shape, generator=gen) * (sigma * grad_clip)
-        g = g / (q * n)  # the expected batch size, as DPOptimizer
-        if optimizer == "adam":
-            m = betas[0] * m + (1 - betas[0]) * g
-            v = betas[1] * v + (1 - betas[1]) * g * g
-            w = w - lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + adam_eps)
-        else:
-            w = w - lr * g
-    return w[:, :d].to(MAT), w[:, d].to(MAT)
+
+def newton_runs(split: Split, stats: Stats, num_classes: int, runs: Sequence[dict[str, Any]], *, steps: int,
+                hessian_fraction: float, delta: float, conversion: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`linear.dp_newton` for each run (a dict with `epsilon`, `seed`, `lr`, `lam`, `lam_noise`),
+    its first Hessian from `stats.gram` (computed once) and released once for all classes
+    (`shared_first_hessian`), later Hessians on a Poisson subsample of rate `hessian_fraction`. Returns (weights, bias) per run."""
+    out = []
+    for r in runs:
+        res = L.dp_newton(split.x, split.y, num_classes, epsilon=r["epsilon"], delta=delta, clip_norm=stats.clip_norm,
+                          steps=steps, lr=r["lr"], lam=r["lam"], lam_noise=r["lam_noise"],
+                          hessian_fraction=hessian_fraction, shared_first_hessian=True, gram=stats.gram,
+                          conversion=conversion, seed=r["seed"])
+        out.append((res.weights, res.bias))
+    return out
 
 
 # ----------------------------------------------------------------------------- tuning grids
@@ -267,11 +337,13 @@ def default_grids(n: int) -> dict[str, list[dict[str, Any]]]:
     """The configurations each solver may choose from on the public draw: the same number
     for every solver (`equal_budget`). DP-SGD / DP-Adam choose batch size, steps and learning
     rate under a budget of 10 epochs; least squares its alpha and noise ridge; DP-FC its step
-    size and noise ridge (T = 10 and bias -10 as in the paper)."""
+    size and noise ridge (T = 10 and bias -10 as in the paper); Newton its step size and noise
+    ridge (its steps and Hessian subsample are fixed by the caller)."""
     sgd_shapes = [(None, 10), (0.1, 100)]  # (batch as a fraction of the training set, None = full; steps): 10 epochs
     return {
         "least_squares": [dict(alpha=a, lam=1.0, lam_noise=ln) for a, ln in itertools.product((1.0, 4.0), (0.1, 0.5))],
         "dp_fc": [dict(lr=lr, lam=1.0, lam_noise=ln) for lr, ln in itertools.product((0.1, 0.5), (0.1, 0.5))],
+        "newton": [dict(lr=lr, lam=1.0, lam_noise=ln) for lr, ln in itertools.product((0.5, 1.0), (0.1, 0.5))],
         "dp_sgd": [dict(batch_fraction=b, steps=t, lr=lr) for (b, t), lr in itertools.product(sgd_shapes, (8.0, 64.0))],
         "dp_adam": [dict(batch_fraction=b, steps=t, lr=lr) for (b, t), lr in itertools.product(sgd_shapes, (0.01, 0.1))],
     }
@@ -293,9 +365,10 @@ class Runner:
     """Runs any solver on one data split with statistics cached, for a list of configs."""
 
     def __init__(self, task: RegimeTask, train: Split, *, delta: float, conversion: str, fc_steps: int = 10,
-                 fc_bias: float = -10.0, device: Any = "cpu"):
+                 fc_bias: float = -10.0, newton_steps: int = 2, hessian_fraction: float = 0.1, device: Any = "cpu"):
         self.task, self.train, self.delta, self.conversion = task, train, delta, conversion
         self.fc_steps, self.fc_bias, self.device = fc_steps, fc_bias, device
+        self.newton_steps, self.hessian_fraction = newton_steps, hessian_fraction
         self.stats = sufficient_stats(train, task.num_classes, task.clip_norm)
 
     def run(self, method: str, jobs: Sequence[tuple[float | None, int, dict[str, Any]]],
@@ -314,11 +387,19 @@ class Runner:
             heads = fc_runs(self.train, self.stats, self.task.num_classes, runs, steps=self.fc_steps, bias=self.fc_bias,
                             delta=self.delta, conversion=self.conversion)
             return [accuracy(w, b, evaluate) for w, b in heads]
+        if method == "newton":
+            conv = "pld" if self.conversion == "classic" and self.hessian_fraction < 1 else self.conversion
+            heads = newton_runs(self.train, self.stats, self.task.num_classes,
+                                [dict(epsilon=eps, seed=seed, **cfg) for eps, seed, cfg in jobs],
+                                steps=self.newton_steps, hessian_fraction=self.hessian_fraction, delta=self.delta,
+                                conversion=conv)
+            return [accuracy(w, b, evaluate) for w, b in heads]
         if method in LOGISTIC:
             conv = "pld" if self.conversion == "classic" else self.conversion
-            return [accuracy(*dp_sgd_head(self.train, self.task.num_classes, epsilon=eps, delta=self.delta,
-                                          optimizer=method[3:], conversion=conv, seed=seed, **cfg), evaluate)
-                    for eps, seed, cfg in jobs]
+            heads = logistic_runs(self.train, self.task.num_classes,
+                                  [dict(epsilon=eps, seed=seed, optimizer=method[3:], **cfg) for eps, seed, cfg in jobs],
+                                  delta=self.delta, conversion=conv)
+            return [accuracy(w, b, evaluate) for w, b in heads]
         raise UserError(f"solver {method!r} is not run by this study; choose from {FAST + LOGISTIC}")
 
 
@@ -336,16 +417,17 @@ def tune(public: Runner, task: RegimeTask, methods: Sequence[str], epsilons: Seq
     Returns (chosen: {(method, eps): config}, rows)."""
     equal_budget({m: grids[m] for m in methods})
     chosen, rows = {}, []
-    for m in methods:
-        for eps in epsilons:
-            e_pub = public_epsilon(eps, task.n, task.public.n)
-            accs = public.run(m, [(e_pub, seed, cfg) for cfg in grids[m]], task.public_val)
+    for m in methods:  # one call per solver: every epsilon's configurations share passes over the data
+        pub_eps = [public_epsilon(eps, task.n, task.public.n) for eps in epsilons]
+        all_accs = public.run(m, [(e_pub, seed, cfg) for e_pub in pub_eps for cfg in grids[m]], task.public_val)
+        for k, (eps, e_pub) in enumerate(zip(epsilons, pub_eps)):
+            accs = all_accs[k * len(grids[m]):(k + 1) * len(grids[m])]
             best = int(np.argmax(accs))
             chosen[(m, eps)] = dict(grids[m][best])
             for i, (cfg, a) in enumerate(zip(grids[m], accs)):
                 rows.append(dict(method=m, epsilon=math.inf if eps is None else eps, config=i, public_val_acc=a,
                                  public_epsilon=math.inf if e_pub is None else e_pub,
-                                 chosen=i == best, **{k: v for k, v in cfg.items()}))
+                                 chosen=i == best, **dict(cfg)))
     return chosen, rows
 
 
@@ -467,14 +549,15 @@ def batch_ablation(task: RegimeTask, *, epsilon: float, small_batch: int, epochs
     arms = [("full_batch", None, full_steps, lr_full, ("fixed epochs", "fixed steps")),
             ("small_batch", small_batch, small_steps, lr_small, ("fixed epochs",)),
             ("small_batch", small_batch, full_steps, lr_small, ("fixed steps",))]
+    jobs = [(arm, b, steps, lr, budgets, s) for arm, b, steps, lr, budgets in arms for s in seeds]
+    heads = logistic_runs(task.private, task.num_classes,
+                          [dict(epsilon=epsilon, seed=s, batch_fraction=None if b is None else b / n, steps=steps, lr=lr)
+                           for _, b, steps, lr, _, s in jobs], delta=delta, conversion=conversion)
     rows = []
-    for arm, b, steps, lr, budgets in arms:
-        for s in seeds:
-            frac = None if b is None else b / n
-            acc = accuracy(*dp_sgd_head(task.private, task.num_classes, epsilon=epsilon, delta=delta, batch_fraction=frac,
-                                        steps=steps, lr=lr, conversion=conversion, seed=s), task.test)
-            for budget in budgets:
-                rows.append(dict(arm=arm, budget=budget, batch_size=b or n, steps=steps, lr=lr, seed=s, accuracy=acc))
+    for (arm, b, steps, lr, budgets, s), head in zip(jobs, heads):
+        acc = accuracy(*head, task.test)
+        rows.extend(dict(arm=arm, budget=budget, batch_size=b or n, steps=steps, lr=lr, seed=s, accuracy=acc)
+                    for budget in budgets)
     return rows
 
 
