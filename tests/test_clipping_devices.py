@@ -119,6 +119,27 @@ def test_no_tf32_turns_off_and_restores(start, restore_tf32):
     assert _flags() == start
 
 
+def test_no_tf32_with_the_new_precision_api():
+    # torch refuses to read the legacy flags once the new fp32_precision API was used, so this
+    # runs in a fresh interpreter (it would leave this one in that state)
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from dpbench.clipping.tf32 import no_tf32\n"
+        "m, c = torch.backends.cuda.matmul, torch.backends.cudnn.conv\n"
+        "if not hasattr(m, 'fp32_precision'): raise SystemExit(0)\n"
+        "m.fp32_precision = 'tf32'; c.fp32_precision = 'tf32'\n"
+        "with no_tf32():\n"
+        "    assert m.fp32_precision == 'ieee' and c.fp32_precision != 'tf32', (m.fp32_precision, c.fp32_precision)\n"
+        "    x = torch.randn(4, 4); x @ x  # no mixed-API error inside\n"
+        "assert (m.fp32_precision, c.fp32_precision) == ('tf32', 'tf32')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_engine_runs_rules_without_tf32_and_restores(restore_tf32, monkeypatch):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     from dpbench.clipping import rules
