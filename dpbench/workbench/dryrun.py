@@ -39,6 +39,7 @@ from dpbench.workbench.runner import DRYRUN_DIR, Runner
 from dpbench.workbench.scheduling import run_in_order, topological
 
 MAX_PX = 32
+TINY_EPOCHS = 0.25  # training epochs at most this (a few steps on the stand-in sets)
 TINY_BATCH = 32  # training batches at most this (physical chunks half of it, so chunking still happens)
 # Upper bounds for sizes the smoke profile does not bound (key pattern, cap).
 SIZE_CAPS = [(r"(^|_)batch(_size)?$|^max_physical_batch$", 16), (r"(^|_)(steps|epochs)$", 4),
@@ -74,6 +75,8 @@ def _shrink_number(key: str, value, smoke) -> Any:
             if re.search(pattern, key):
                 out = min(out, cap)
                 break
+    if re.search(r"(^|_)epochs$", key) and not key.startswith("fig"):  # training, not accounting grids
+        out = min(out, TINY_EPOCHS)
     if re.search(r"(^|_)batch_size$|^max_physical_batch$", key):
         out = min(out, TINY_BATCH if key != "max_physical_batch" else TINY_BATCH // 2)
     return type(value)(out) if isinstance(value, int) else float(out)

@@ -90,6 +90,10 @@ def profile_items(repo: str | os.PathLike, profile: str, notebooks: Iterable[str
         merged.update({k: v for k, v in P.load_yaml(repo / "params" / nb / f"{profile}.yaml").items() if k not in P.META_KEYS})
         root = Path(data_root or merged.get("data_root") or data.default_data_root()).expanduser()
         for name in P.dataset_names(merged):
+            if name == "imagefolder":  # its folder: the `<prefix>_root` beside `<prefix>_dataset` (e.g. downstream_root)
+                roots = [merged.get(k[: -len("dataset")] + "root") for k, v in merged.items()
+                         if k.endswith("dataset") and v == "imagefolder"]
+                name = f"imagefolder:{next((r for r in roots if r), 'imagefolder')}"
             base = name.split(":", 1)[0]
             spec = data.DATASETS.get(base)
             if spec is None or spec.required_files is None:
