@@ -26,7 +26,7 @@ def test_rules_keep_code_paths_and_shrink_sizes():
     assert dry["device"] == "cpu"
     for key in ("dataset", "model_name", "model_kwargs", "methods", "eval_every"):  # code paths, and 0 = off
         assert dry[key] == gpu[key]
-    assert dry["steps"] == 8 and dry["epochs"] == 0.5 and isinstance(dry["steps"], int)
+    assert dry["steps"] == 8 and dry["epochs"] == dryrun.TINY_EPOCHS and isinstance(dry["steps"], int)
     assert dry["batch_size"] <= dryrun.TINY_BATCH and 0 < dry["max_physical_batch"] < dry["batch_size"]
     assert dry["lr_grid"] == [0.03, 0.1] and dry["resize"] == 32 and dry["isolate"] is False
     assert dry["models"] == ["resnet18@32:4", "vit_small_patch16_224@32:4"]  # one per family at <= 32 px
