@@ -12,6 +12,7 @@ StdConv2d / GroupNormAct (BiT's ResNet-V2) are exact under every method.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -35,21 +36,27 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_MODELS = {"auto", "upstream", "public", "hub", "checkpoint", "timm", "none", ""}
 
 
-def profile_models() -> dict[str, list[str]]:
-    """{model name: ["NN_name/profile.yaml:key", ...]} over every profile."""
-    out: dict[str, list[str]] = {}
+def profile_models() -> dict[tuple[str, str], list[str]]:
+    """{(model name, its kwargs as JSON): ["NN_name/profile.yaml:key", ...]} over every profile.
+
+    A key's kwargs are those of its sibling `<key>_kwargs` (model_name: model_kwargs), so a
+    model is checked as the profile builds it (a ViT with 4 px patches, resized inputs, ...).
+    """
+    out: dict[tuple[str, str], list[str]] = {}
     for path in sorted(ROOT.glob("params/*/*.yaml")):
         cfg = yaml.safe_load(path.read_text()) or {}
         for key, val in cfg.items():
             if not ("model" in key or key == "backbone") or key.endswith(("_kwargs", "_prefer", "_methods")):
                 continue
+            kw = cfg.get(key.replace("_name", "") + "_kwargs") or {}
             for v in val if isinstance(val, list) else [val]:
                 if not isinstance(v, str):
                     continue
                 name = v.split("@")[0].strip()
                 if name.lower() in NOT_MODELS or "/" in name or name.endswith((".pt", ".safetensors", ".pth")):
                     continue
-                out.setdefault(name, []).append(f"{path.parent.name}/{path.name}:{key}")
+                spec = (name, json.dumps(kw if isinstance(kw, dict) else {}, sort_keys=True))
+                out.setdefault(spec, []).append(f"{path.parent.name}/{path.name}:{key}")
     return out
 
 
@@ -62,20 +69,21 @@ def _timm_kwargs(name: str) -> dict:
     return {}
 
 
-def build_tiny(name: str) -> nn.Module:
+def build_tiny(name: str, kwargs: dict | None = None) -> nn.Module:
     torch.manual_seed(0)
+    kw = {**(kwargs or {}), "zero_head": False}
     if name == "tiny_cnn":
         from dpbench.training.bench import TinyCNN
 
         model = TinyCNN(3)
     elif name in MODELS:
-        model = create_model(name, num_classes=3, img_size=32, zero_head=False)
+        model = create_model(name, num_classes=3, img_size=32, **kw)
     else:
         import timm
 
         if not timm.is_model(name):
             raise AssertionError(f"{name!r} is neither a dpbench model nor a timm model")
-        model = create_model(name, num_classes=3, img_size=32, zero_head=False, **_timm_kwargs(name))
+        model = create_model(name, num_classes=3, img_size=32, **{**_timm_kwargs(name), **kw})
     with torch.no_grad():  # timm zeroes the last norm of each block, which would zero the block's grads
         for m in model.modules():
             if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
@@ -85,17 +93,18 @@ def build_tiny(name: str) -> nn.Module:
 
 
 def test_profiles_name_models():
-    names = profile_models()
+    specs = profile_models()
     # the discovery reads the real keys (a renamed key would silently shrink the check)
-    assert {"resnet18", "small_cnn"} <= set(names), names
-    assert any(":models" in w for ws in names.values() for w in ws)
+    assert {"resnet18", "small_cnn"} <= {n for n, _ in specs}, specs
+    assert any(":models" in w for ws in specs.values() for w in ws)
+    assert any(kw != "{}" for _, kw in specs)  # kwargs are read too
 
 
-@pytest.mark.parametrize("name", sorted(profile_models()))
-def test_profile_model_matches_naive_loop(name):
+@pytest.mark.parametrize("name,kwargs", sorted(profile_models()), ids=lambda v: v.replace(" ", ""))
+def test_profile_model_matches_naive_loop(name, kwargs):
     pytest.importorskip("timm")
     t0 = time.perf_counter()
-    model = build_tiny(name)
+    model = build_tiny(name, json.loads(kwargs))
     torch.manual_seed(1)
     x, y = torch.randn(3, 3, 32, 32), torch.randint(0, 3, (3,))
     ps = naive_per_sample(model, x, y)
