@@ -221,10 +221,25 @@ def resolve(repo: str | os.PathLike, notebook: str, profile: str = "gpu") -> P.R
     return spec
 
 
+# create_model's own keywords; the others in a `*model_kwargs` dict go to timm (the architecture)
+DPBENCH_MODEL_KEYS = {"num_classes", "in_chans", "img_size", "pretrained", "checkpoint", "norm", "zero_head", "resize_to"}
+
+
+def arch_kwargs(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """The timm architecture keywords a run builds weights' model `name` with (from
+    `public_model_kwargs` or `model_kwargs`), so the random weights fit the model they load into."""
+    for model_key, kwargs_key in (("public_model", "public_model_kwargs"), ("model_name", "model_kwargs")):
+        kw = params.get(kwargs_key)
+        if params.get(model_key) == name and isinstance(kw, dict):
+            return {k: v for k, v in kw.items() if k not in DPBENCH_MODEL_KEYS}
+    return {}
+
+
 @contextlib.contextmanager
-def environment(weights: list[str]) -> Iterator[Path]:
+def environment(weights: dict[str, dict[str, Any]] | list[str]) -> Iterator[Path]:
     """The dry run's process environment: stand-in data, CUDA hidden, an offline hub cache in a
-    temporary folder holding random weights for `weights`. Restored afterwards."""
+    temporary folder holding random weights for `weights` (name -> timm architecture keywords).
+    Restored afterwards."""
     keys = ("DPBENCH_STANDIN_DATA", "CUDA_VISIBLE_DEVICES", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "DPBENCH_DOWNLOAD")
     saved = {k: os.environ.get(k) for k in keys}
     with tempfile.TemporaryDirectory(prefix="dpbench-dryrun-") as tmp:
@@ -233,7 +248,7 @@ def environment(weights: list[str]) -> Iterator[Path]:
                            "HF_HUB_OFFLINE": "1", "DPBENCH_DOWNLOAD": "0"})
         try:
             for name in weights:
-                write_random_weights(name, cache)
+                write_random_weights(name, cache, **(weights.get(name) or {} if isinstance(weights, dict) else {}))
             yield cache
         finally:
             for k, v in saved.items():
@@ -243,9 +258,10 @@ def environment(weights: list[str]) -> Iterator[Path]:
                     os.environ[k] = v
 
 
-def write_random_weights(name: str, cache: Path) -> Path:
-    """A safetensors file of timm `name`'s randomly initialised weights (its default config,
-    as the hub file would be), placed where the hub cache keeps the real one."""
+def write_random_weights(name: str, cache: Path, **arch: Any) -> Path:
+    """A safetensors file of timm `name`'s randomly initialised weights (its default config, as
+    the hub file would be, or the architecture keywords `arch` the dry run builds it with),
+    placed where the hub cache keeps the real one."""
     import timm
     from safetensors.torch import save_file
 
@@ -260,7 +276,7 @@ def write_random_weights(name: str, cache: Path) -> Path:
     snap.mkdir(parents=True, exist_ok=True)
     (folder / "refs").mkdir(exist_ok=True)
     (folder / "refs" / "main").write_text("dryrun")
-    model = timm.create_model(name, pretrained=False)
+    model = timm.create_model(name, pretrained=False, **arch)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     path = snap / WEIGHT_FILES[0]
     save_file(state, str(path))
@@ -289,7 +305,10 @@ def run(notebooks: list[str], profile: str = "gpu", *, repo=None, results=None, 
     for nb in notebooks:
         visit(P.check_notebook(runner.repo, nb).stem, ())
     ordered = topological(specs)
-    weights = sorted({w for s in ordered for w in s.dry_run["random_weights"]})
+    weights: dict[str, dict] = {}
+    for s in ordered:
+        for w in s.dry_run["random_weights"]:
+            weights.setdefault(w, arch_kwargs(s.params, w))
     with environment(weights):
         for spec in ordered:
             P.check_datasets(spec)  # the stand-ins and random weights are in place: the real pre-flight
