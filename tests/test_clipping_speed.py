@@ -87,3 +87,29 @@ def test_chunked_noise_law_and_seed(monkeypatch):
     assert abs(a.std().item() / 2.0 - 1) < 0.05 and abs(a.mean().item()) < 0.1
     # pieces are independent draws: no repeated block across the scratch buffer's boundaries
     assert not torch.equal(a[:1000], a[1000:2000])
+
+
+@pytest.mark.parametrize("method", ["instantiate", "bk"])
+def test_inputs_and_output_grads_released_once_a_layer_is_processed(method):
+    """A processed layer's uses no longer hold A and G (the stash keeps what the clipped sum
+    needs): with per-sample gradients stashed, its activations are free before pass 1 ends."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    eng = ClippingEngine(model, max_grad_norm=0.3, method=method)
+    held = []
+    real_emit = eng._emit
+
+    def emit(l):
+        held.extend((l.name, u.act is not None or u.grad is not None) for u in l.uses)
+        return real_emit(l)
+
+    eng._emit = emit
+    try:
+        x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+        eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+        ps = naive_per_sample(model, x, y)
+        ref, _ = naive_clipped(ps, {"all": list(ps)}, {"all": 0.3})
+        assert_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-5)
+    finally:
+        eng.remove()
+    assert held and not any(h for _, h in held)

@@ -851,6 +851,10 @@ class ClippingEngine:
                 l.stash = (None, None, ps)  # the clipped sum needs only the per-sample gradients
             else:
                 l.stash = (acts, grads, ps)
+            # The uses no longer hold A and G: what the clipped sum needs is in the stash, so a
+            # layer that stashes per-sample gradients (or nothing) frees them now, not at the end.
+            for u in uses:
+                u.act = u.grad = u.version = None
         for g in l.groups:
             self._remaining[g] -= 1
             if self._remaining[g] == 0:

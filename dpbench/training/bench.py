@@ -19,6 +19,9 @@ How it measures:
   model, data and training step add. On GPU both are torch.cuda.max_memory_allocated after
   a reset. Memory is taken before the baseline copy is built, so it is the method's alone.
   `mem_ratio_to_nonprivate` is step_mem_mb over the non-private cell's of the same model.
+  `steady_mem_mb` is the same for one more step after the warm-up, on its own (peak reset
+  first): the steady state, without the first step's one-off self-checks and measurements;
+  `steady_mem_ratio` is it over the non-private cell's.
 - In-process probe: `peak_extra_mb(fn, device)` is the one memory probe for a single call
   inside a running process (notebooks 01 and 02): the peak above what was live before it.
 - A cell that fails (e.g. Opacus on timm's resnet18) is a row with status "failed" and the
@@ -71,7 +74,7 @@ ROW_KEYS = (
     "model", "resolution", "batch_size", "method", "style", "step_time_s", "peak_mem_mb", "ratio_to_nonprivate",
     "step_mem_mb", "mem_ratio_to_nonprivate", "baseline_step_time_s", "base_rss_mb", "peak_reset",
     "max_batch_size", "max_batch_size_card", "max_batch_cap_gb", "status", "reason", "device", "profile", "repeats", "threads", "torch_version",
-    "pair_ratios",
+    "pair_ratios", "steady_mem_mb", "steady_mem_ratio",
 )
 _RESULT_MARK = "DPBENCH_CELL_RESULT "
 
@@ -461,6 +464,19 @@ def run_cell(cell: Cell) -> dict[str, Any]:
             row["peak_mem_mb"] = _peak_rss_mb()
             if row["base_rss_mb"] is not None:
                 row["step_mem_mb"] = row["peak_mem_mb"] - row["base_rss_mb"]
+        # One more step on its own: the steady-state peak, without the first step's one-off
+        # costs (the engine's self-checks, auto's measurements, allocator warm-up).
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+            step()
+            torch.cuda.synchronize(dev)
+            row["steady_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        elif cell.isolated and row["base_rss_mb"] is not None:
+            gc.collect()
+            _malloc_trim()
+            if _reset_peak_rss():
+                step()
+                row["steady_mem_mb"] = _peak_rss_mb() - row["base_rss_mb"]
 
         # 2. time, interleaved with the non-private baseline on an identical copy
         if cell.method == NONPRIVATE:
@@ -611,6 +627,12 @@ def _fill_memory_ratios(rows: list[dict[str, Any]]) -> None:
         b = base.get((r["model"], r["resolution"], r["batch_size"]))
         if r.get("step_mem_mb") is not None and b and b > 0:
             r["mem_ratio_to_nonprivate"] = r["step_mem_mb"] / b
+    steady = {(r["model"], r["resolution"], r["batch_size"]): r.get("steady_mem_mb") for r in rows
+              if r["method"] == NONPRIVATE and r["status"] == "ok"}
+    for r in rows:
+        b = steady.get((r["model"], r["resolution"], r["batch_size"]))
+        if r.get("steady_mem_mb") is not None and b and b > 0:
+            r["steady_mem_ratio"] = r["steady_mem_mb"] / b
 
 
 def format_table(rows: Iterable[dict[str, Any]]) -> str:
@@ -618,7 +640,7 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
     cols = [("model", "model"), ("resolution", "px"), ("batch_size", "batch"), ("method", "method"),
             ("step_time_s", "step s"), ("baseline_step_time_s", "base s"), ("time_over_base", "step/base"),
             ("ratio_to_nonprivate", "x time (median of pairs)"), ("peak_mem_mb", "peak MB"),
-            ("step_mem_mb", "step MB"), ("mem_ratio_to_nonprivate", "x mem"), ("max_batch_size", "max batch"), ("status", "status")]
+            ("step_mem_mb", "step MB"), ("mem_ratio_to_nonprivate", "x mem"), ("steady_mem_ratio", "x mem later"), ("max_batch_size", "max batch"), ("status", "status")]
     rows = list(rows)
     if rows and all(r.get("max_batch_size") is None for r in rows):
         cols = [c for c in cols if c[0] != "max_batch_size"]
@@ -628,7 +650,7 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
             return "-"
         if k in ("step_time_s", "baseline_step_time_s"):
             return f"{v:.4f}"
-        if k in ("ratio_to_nonprivate", "mem_ratio_to_nonprivate", "time_over_base"):
+        if k in ("ratio_to_nonprivate", "mem_ratio_to_nonprivate", "time_over_base", "steady_mem_ratio"):
             return f"{v:.2f}"
         if k in ("peak_mem_mb", "step_mem_mb"):
             return f"{v:.0f}"
@@ -651,6 +673,8 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
         lines.append("step s, base s: median seconds per step of the method and of its interleaved non-private twin; "
                      "step/base: their ratio; x time: the median of the per-pair ratios (robust to load drifts, "
                      "so it need not equal step/base)")
+        lines.append("x mem: step memory peak over the warm-up steps (the first one included: the engine's self-checks, "
+                     "auto's measurements) / non-private's; x mem later: the peak of one later step / non-private's")
         lines.append(f"device: {rows[0].get('device')}, torch {rows[0].get('torch_version')}, "
                      f"threads {rows[0].get('threads')}")
     return "\n".join(lines)
