@@ -554,7 +554,7 @@ _STANDIN_SHAPES = {"mnist": ((1, 28, 28), 10), "fashion_mnist": ((1, 28, 28), 10
 def _standin(name: str, split: str, image_size: int = 32, **_) -> "ImageDataset":
     """A synthetic stand-in for file-backed data set `name` (see STANDIN_ENV)."""
     shape, k = _STANDIN_SHAPES.get(name, ((3, min(int(image_size), 32), min(int(image_size), 32)), 10))
-    n = max(4 * k, 256) if split == "train" else max(2 * k, 128)
+    n = max(2 * k, 160) if split == "train" else max(k, 64)
     ds = _load_synthetic(split, n=n, image_shape=shape, num_classes=k, seed=len(name))
     ds.name, ds.source = name, f"stand-in for {name} (dry run): {ds.source}"
     return ds

@@ -39,6 +39,8 @@ from dpbench.workbench.runner import DRYRUN_DIR, Runner
 from dpbench.workbench.scheduling import run_in_order, topological
 
 MAX_PX = 32
+EXAMPLES_KEY = r"^(synthetic|regime)_(n|test|public|public_val)$"
+TINY_EXAMPLES = 1000
 TINY_EPOCHS = 0.25  # training epochs at most this (a few steps on the stand-in sets)
 TINY_BATCH = 32  # training batches at most this (physical chunks half of it, so chunking still happens)
 # Upper bounds for sizes the smoke profile does not bound (key pattern, cap).
@@ -75,6 +77,8 @@ def _shrink_number(key: str, value, smoke) -> Any:
             if re.search(pattern, key):
                 out = min(out, cap)
                 break
+    if re.search(EXAMPLES_KEY, key):  # example counts of synthetic tasks: a few hundred run every path
+        out = min(out, TINY_EXAMPLES)
     if re.search(r"(^|_)epochs$", key) and not key.startswith("fig"):  # training, not accounting grids
         out = min(out, TINY_EPOCHS)
     if re.search(r"(^|_)batch_size$|^max_physical_batch$", key):
@@ -240,12 +244,15 @@ def environment(weights: dict[str, dict[str, Any]] | list[str]) -> Iterator[Path
     """The dry run's process environment: stand-in data, CUDA hidden, an offline hub cache in a
     temporary folder holding random weights for `weights` (name -> timm architecture keywords).
     Restored afterwards."""
-    keys = ("DPBENCH_STANDIN_DATA", "CUDA_VISIBLE_DEVICES", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "DPBENCH_DOWNLOAD")
+    keys = ("DPBENCH_STANDIN_DATA", "CUDA_VISIBLE_DEVICES", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "DPBENCH_DOWNLOAD",
+            "DPBENCH_FEATURES")
     saved = {k: os.environ.get(k) for k in keys}
     with tempfile.TemporaryDirectory(prefix="dpbench-dryrun-") as tmp:
         cache = Path(tmp) / "hub"
         os.environ.update({"DPBENCH_STANDIN_DATA": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_CACHE": str(cache),
-                           "HF_HUB_OFFLINE": "1", "DPBENCH_DOWNLOAD": "0"})
+                           "HF_HUB_OFFLINE": "1", "DPBENCH_DOWNLOAD": "0",
+                           # features of stand-in data never enter the real feature cache
+                           "DPBENCH_FEATURES": str(Path(tmp) / "features")})
         try:
             for name in weights:
                 write_random_weights(name, cache, **(weights.get(name) or {} if isinstance(weights, dict) else {}))
