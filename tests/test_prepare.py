@@ -223,3 +223,16 @@ def test_preflight_names_missing_weights_and_prepare(tmp_path):
     for name in names:  # once the weights are in the cache, the check passes
         _hub_file(tmp_path / "hub", prepare.weights_source(name)[0], _safetensors_bytes())
     params.check_weights(spec)
+
+
+def test_check_exits_0_when_everything_is_present(tmp_path, monkeypatch, capsys):
+    files = _cifar_files(np.random.default_rng(2))
+    _fake_fetch(files)(None, tmp_path / "data")  # cifar10 in place, in its real layout
+    monkeypatch.setenv("DPBENCH_DATA", str(tmp_path / "data"))
+    only_cifar10 = [nb for nb in params.list_notebooks(REPO) if "gpu" in params.list_profiles(REPO, nb)
+                    and [(it.kind, it.name) for it in prepare.profile_items(REPO, "gpu", [nb])] == [("dataset", "cifar10")]]
+    assert only_cifar10, "a gpu profile that needs CIFAR-10 alone (02 at the time of writing)"
+    nb = only_cifar10[0]
+    assert prepare.run("gpu", repo=REPO, notebooks=[nb], check=True) == 0
+    out = capsys.readouterr().out
+    assert "present" in out and str(tmp_path / "data" / "cifar-10-batches-py") in out and "missing" not in out
