@@ -55,6 +55,21 @@ def test_project_psd_yields_psd_and_keeps_psd_matrices():
     assert math.isclose(float(torch.linalg.eigvalsh(p[0]).sum()), float(evals.clamp_min(0).sum()), rel_tol=1e-9)
 
 
+def test_project_psd_in_float32_at_large_d_matches_float64():
+    g = torch.Generator().manual_seed(1)
+    d = L.PSD_FLOAT32_DIM
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    m = 1e3 * (a @ a.T) / d + torch.randn(2, d, d, generator=g, dtype=torch.float64) * 30  # big PSD part + noise
+    sym = (m + m.transpose(-1, -2)) / 2
+    evals, evecs = torch.linalg.eigh(sym)
+    ref = (evecs * evals.clamp_min(0).unsqueeze(-2)) @ evecs.transpose(-1, -2)
+    out = L.project_psd(m)
+    assert out.dtype == torch.float64 and torch.allclose(out, out.transpose(-1, -2))
+    # error far below the noise (std 30) and the clamped spectrum (hundreds)
+    assert float((out - ref).abs().max()) < 1e-2 * 30
+    assert float(torch.linalg.eigvalsh(out).min()) > -1e-3
+
+
 def test_clip_features():
     x = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
     c = L.clip_features(x, 1.0)

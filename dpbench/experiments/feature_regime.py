@@ -262,18 +262,19 @@ def logistic_runs(split: Split, num_classes: int, runs: Sequence[dict[str, Any]]
             raise UserError(f"need batch_fraction in (0, 1], steps >= 1 and optimizer sgd|adam, got {r!r}")
         groups.setdefault((q, int(r["steps"]), int(r["seed"]) if q < 1 else None), []).append(i)
     out: list = [None] * len(runs)
+    root = torch.sqrt(torch.linalg.vector_norm(x, dim=1) ** 2 + 1.0)  # ||[x_i, 1]||, once (head_gradient_norms)
     for (q, steps, mask_seed), members in groups.items():
         per_chunk = max(1, int(max_columns // (max(1, round(q * n)) * num_classes)))
         for lo in range(0, len(members), per_chunk):
             chunk = members[lo:lo + per_chunk]
-            heads = _logistic_group(x, yy, [runs[i] for i in chunk], q, steps, mask_seed, delta=delta,
+            heads = _logistic_group(x, yy, root, [runs[i] for i in chunk], q, steps, mask_seed, delta=delta,
                                     conversion=conversion, grad_clip=grad_clip, betas=betas, adam_eps=adam_eps)
             for i, head in zip(chunk, heads):
                 out[i] = head
     return out
 
 
-def _logistic_group(x, yy, runs, q, steps, mask_seed, *, delta, conversion, grad_clip, betas, adam_eps):
+def _logistic_group(x, yy, root, runs, q, steps, mask_seed, *, delta, conversion, grad_clip, betas, adam_eps):
     """`logistic_runs` for runs that share (q, steps) and, when q < 1, the batch stream."""
     n, d = x.shape
     nc, k = yy.shape[1], len(runs)
@@ -288,14 +289,16 @@ def _logistic_group(x, yy, runs, q, steps, mask_seed, *, delta, conversion, grad
     for t in range(1, int(steps) + 1):
         if batches is not None:
             idx = torch.nonzero(torch.rand(n, generator=batches) < q).reshape(-1)
-            xb, yb = x[idx], yy[idx]
+            xb, yb, rb = x[idx], yy[idx], root[idx]
         else:
-            xb, yb = x, yy
-        logits = (xb @ w[:, :, :d].reshape(k * nc, d).T).view(-1, k, nc) + w[:, :, d]
-        resid = torch.softmax(logits, dim=2) - yb.unsqueeze(1)  # (B, k, L)
-        norms = resid.norm(dim=2) * torch.sqrt(xb.pow(2).sum(1) + 1.0).unsqueeze(1)  # head_gradient_norms per run
+            xb, yb, rb = x, yy, root
+        logits = torch.addmm(w[:, :, d].reshape(1, k * nc), xb, w[:, :, :d].reshape(k * nc, d).T).view(-1, k, nc)
+        # softmax by hand: torch.softmax over a last dimension of 10 is ~10x slower on CPU here
+        p = (logits - logits.amax(dim=2, keepdim=True)).exp_()
+        resid = p.div_(p.sum(dim=2, keepdim=True)).sub_(yb.unsqueeze(1))  # (B, k, L)
+        norms = resid.norm(dim=2) * rb.unsqueeze(1)  # head_gradient_norms per run
         factor = torch.where(private, torch.clamp(grad_clip / norms.clamp_min(1e-30), max=1.0), torch.ones_like(norms))
-        resid = resid * factor.unsqueeze(2)
+        resid = resid.mul_(factor.unsqueeze(2))
         g = torch.cat([(resid.reshape(len(xb), k * nc).T @ xb).view(k, nc, d), resid.sum(0).unsqueeze(2)], dim=2)
         noise = torch.stack([torch.randn((nc, d + 1), generator=gen) for gen in gens])
         g = (g + noise * sig * grad_clip) / (q * n)  # sigma = 0 without DP; divided by the expected batch, as DPOptimizer
@@ -438,19 +441,49 @@ def tuning_metric_rows(tune_rows: Sequence[dict]) -> list[dict[str, Any]]:
 
 
 def evaluate_private(private: Runner, task: RegimeTask, methods: Sequence[str], epsilons: Sequence[float],
-                     chosen: dict, seeds: Sequence[int]) -> list[dict]:
-    """Each solver at each epsilon with its public-tuned configuration, on the private set,
-    for every seed; plus its non-private ceiling (the config tuned without noise), once."""
+                     chosen: dict, seeds: Sequence[int], only: dict[str, Sequence[float]] | None = None) -> list[dict]:
+    """Each solver at each epsilon (`only[method]`, where given, restricts a solver's epsilons)
+    with its public-tuned configuration, on the private set, for every seed; plus its
+    non-private ceiling (the config tuned without noise), once."""
     rows = []
     for m in methods:
         t0 = time.perf_counter()
-        jobs = [(e, s, chosen[(m, e)]) for e in epsilons for s in seeds]
+        jobs = [(e, s, chosen[(m, e)]) for e in (only or {}).get(m, epsilons) for s in seeds]
         accs = private.run(m, jobs, task.test)
         rows += [dict(method=m, epsilon=e, seed=s, accuracy=a) for (e, s, _), a in zip(jobs, accs)]
         ceiling = private.run(m, [(None, seeds[0], chosen[(m, None)])], task.test)[0]
         rows.append(dict(method=m, epsilon=math.inf, seed=seeds[0], accuracy=ceiling))
         print(f"{m}: {len(jobs) + 1} runs in {time.perf_counter() - t0:.1f}s")
     return rows
+
+
+@dataclass
+class Study:
+    """What `regime_study` returns: the chosen configurations, every tuning row, the private
+    results (with the "logistic" arm) and which logistic solver is that arm per epsilon."""
+
+    chosen: dict
+    tune_rows: list[dict]
+    results: list[dict]
+    choice: dict[float, str]
+
+
+def regime_study(task: RegimeTask, methods: Sequence[str], epsilons: Sequence[float], seeds: Sequence[int], *,
+                 tune_seed: int, grids: dict | None = None, **runner_kw: Any) -> Study:
+    """Tune every solver on the public draw (`tune`, equal budgets, at each epsilon and without
+    noise), then run the chosen configurations on the private set for `seeds` (`evaluate_private`)
+    and add the logistic arm chosen on the public draw. DP-SGD and DP-Adam run privately only at
+    the epsilons where the public draw chose them as the logistic arm (the other's private runs
+    feed no claim); both ceilings run. `runner_kw` go to both `Runner`s."""
+    grids = default_grids(task.n) if grids is None else grids
+    print(f"tuning budget: {equal_budget({m: grids[m] for m in methods})} configurations per solver and eps")
+    chosen, tune_rows = tune(Runner(task, task.public, **runner_kw), task, methods, list(epsilons) + [None], grids,
+                             seed=tune_seed)
+    choice = logistic_choice(tune_rows)
+    print("logistic arm per eps (chosen on the public draw):", choice)
+    only = {m: [e for e in epsilons if choice.get(e) == m] for m in LOGISTIC}
+    results = evaluate_private(Runner(task, task.private, **runner_kw), task, methods, epsilons, chosen, seeds, only)
+    return Study(chosen, tune_rows, with_logistic_arm(results, choice), choice)
 
 
 def logistic_choice(tune_rows: Sequence[dict]) -> dict[float, str]:

@@ -84,6 +84,11 @@ class SolverConfig:
     adam_lr: float = 0.1
     sgd_batch_size: int = 0
 
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "SolverConfig":
+        """The config from a namespace holding every field by name (a notebook's parameters)."""
+        return cls(**{name: params[name] for name in cls.__dataclass_fields__})
+
     def batch_size(self, n_private: int) -> int | None:
         """DP-SGD's expected batch size on `n_private` examples; None for the full batch."""
         return None if self.sgd_batch_size == 0 else min(int(self.sgd_batch_size), int(n_private))

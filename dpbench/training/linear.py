@@ -108,12 +108,24 @@ def symmetric_gaussian_noise(
     return (z + z.transpose(-1, -2)) / 2
 
 
+PSD_FLOAT32_DIM = 128  # from this d on, the PSD projection's eigendecomposition runs in float32
+
+
 def project_psd(m: torch.Tensor, min_eigenvalue: float = 0.0) -> torch.Tensor:
     """The nearest (Frobenius) symmetric matrix with eigenvalues >= `min_eigenvalue`.
 
-    Symmetrises first, then clamps the eigenvalues; works on batches (..., d, d).
+    Symmetrises first, then clamps the eigenvalues; works on batches (..., d, d). For d >=
+    `PSD_FLOAT32_DIM` the eigendecomposition runs in float32 (half the time of float64 at
+    d = 512, where the regime study makes hundreds) and only the clamped part of the spectrum,
+    V (min(lambda, c) - lambda) V', is added to the float64 matrix: that correction has the size
+    of the noise, and float32's relative error on it stays far below the noise itself.
     """
     sym = (m + m.transpose(-1, -2)) / 2
+    if sym.shape[-1] >= PSD_FLOAT32_DIM and sym.dtype == torch.float64:
+        evals, evecs = torch.linalg.eigh(sym.float())
+        evals, evecs = evals.double(), evecs.double()
+        out = sym + (evecs * (evals.clamp_min(min_eigenvalue) - evals).unsqueeze(-2)) @ evecs.transpose(-1, -2)
+        return (out + out.transpose(-1, -2)) / 2
     evals, evecs = torch.linalg.eigh(sym)
     evals = evals.clamp_min(min_eigenvalue)
     out = (evecs * evals.unsqueeze(-2)) @ evecs.transpose(-1, -2)
