@@ -77,6 +77,8 @@ def _shrink_number(key: str, value, smoke) -> Any:
             if re.search(pattern, key):
                 out = min(out, cap)
                 break
+    if re.search(r"(^|_)num_(?!threads)", key):  # points of a grid (rates, batches, steps, seeds): two show the path
+        out = min(out, 2)
     if re.search(EXAMPLES_KEY, key):  # example counts of synthetic tasks: a few hundred run every path
         out = min(out, TINY_EXAMPLES)
     if re.search(r"(^|_)epochs$", key) and not key.startswith("fig"):  # training, not accounting grids
@@ -93,6 +95,8 @@ def _family(spec: str) -> str:
 
 
 def _shrink_list(key: str, value: list, smoke) -> list:
+    if key.endswith("_datasets") and len(value) > 1 and all(isinstance(v, str) for v in value):
+        return value[:1]  # a sweep over data sets of one loader is one code path (the others are listed)
     if not value or not all(_is_num(v) for v in value):
         out: list = []
         for v in value:
@@ -219,6 +223,8 @@ def resolve(repo: str | os.PathLike, notebook: str, profile: str = "gpu") -> P.R
         "not_exercised": not_exercised(spec.params, user, weights, file_backed, real.exclusive)
         + [f"{k}: {', '.join(gone)} not run (each has a model of its family at {MAX_PX} px that runs)"
            for k, gone in _folded(changes).items()]
+        + [f"{k}: {', '.join(a[1:])} not run ({a[0]} runs the same loader and code)"
+           for k, (a, b) in changes.items() if k.endswith("_datasets") and isinstance(a, list) and b == a[:1]]
         + [f"{k}: {user.get(k)!r} of the profile, set to {v!r} by {override_path.relative_to(repo)}"
            for k, v in override.items() if user.get(k) != v],
     }
