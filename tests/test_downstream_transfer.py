@@ -103,3 +103,34 @@ def test_downstream_refuses_a_shape_mismatch_and_missing_settings(tmp_path):
         pp.load_downstream("imagefolder", str(tmp_path), image_size=8, in_chans=3)
     with pytest.raises(UserError, match="no pre-trained model"):
         pp.downstream_transfer({}, SPEC, dataset="digits", data_root=None, epochs=1.0, lrs={}, batch_size=8)
+
+
+def test_curvature_of_a_vit_needs_no_fused_attention_double_backward():
+    # timm's ViTs call F.scaled_dot_product_attention, whose fused kernels have no double backward:
+    # the Hessian-vector products of notebook 03 (tr(H)) run them on the math kernel.
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", 3, img_size=16, patch_size=8, depth=1, zero_head=False)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,))
+    tr = pp.trace_h(model, x, y, n_probes=2, seed=0)
+    assert np.isfinite(tr)
+
+
+@pytest.mark.parametrize("grid", [[4.0, 16.0, 32.0], [64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0]])
+def test_figure5_batch_axis_passes_the_figure_check_on_narrow_and_wide_grids(grid):
+    # a grid of less than a decade (the dry run's) used to get colliding log-scale minor labels
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dpbench.workbench.results import check_figure
+
+    from types import SimpleNamespace
+
+    g = np.array(grid)
+    imp = SimpleNamespace(label="initialisation", terms={k: g / 10 for k in ("signal", "sampling", "noise")},
+                          dp=1 / g, nondp=2 / g)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained", squeeze=False)
+    pp.plot_improvement(axes, SimpleNamespace(grid=g, improvements=[imp]))
+    assert not check_figure(fig)
+    plt.close(fig)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from dpbench.data import load_dataset
@@ -41,6 +42,19 @@ SCHEDULES = ("only_private", "only_public", "sequential", "sample_ratio", "cosin
 RESETS = ("m", "v", "t", "none")
 MODES = ("non_private", "clip_only", "noise_only", "dp")
 DIAG_KEYS = ("gtg", "g_dot", "ghg", "tr_h", "tr_sigma", "tr_h_sigma")
+
+
+def second_order(fn: Callable) -> Callable:
+    """Run `fn` with scaled-dot-product attention on its math kernel: the fused (flash /
+    memory-efficient) kernels that timm's ViTs call have no double backward, which
+    Hessian-vector products (tr(H), G'HG) need, on the CPU and on CUDA alike."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with sdpa_kernel(SDPBackend.MATH):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 @functools.lru_cache(maxsize=256)
@@ -204,6 +218,7 @@ IMPROVEMENT_LABELS = (("dp", "DP (clipped + noise)"), ("nondp", "non-DP"))
 TERM_LABELS = (("signal", "Ĝ'HĜ"), ("sampling", "tr(HΣ)/B"), ("noise", "σ(B)² C² tr(H)/B²"))
 
 
+@second_order
 def improvement_vs_batch(arms: Arms, public_model: torch.nn.Module, rec: Any, *, batch_grid: Sequence[int],
                          diag_examples: int, diag_probes: int, diag_var_samples: int, diag_accountant: str,
                          seed: int) -> Figure5:
@@ -268,7 +283,10 @@ def improvement_table(improvements: Sequence[Improvement]):
 
 def plot_improvement(axes, fig5: Figure5) -> None:
     """Per checkpoint (a row of `axes`): |terms| against B, and the per-sample improvement
-    (DP and non-DP) with its optimum on the grid starred."""
+    (DP and non-DP) with its optimum on the grid starred. The batch axis is labelled at the
+    grid's sizes only (log-scale minor labels collide on a grid of less than a decade)."""
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
     grid = fig5.grid
     for i, imp in enumerate(fig5.improvements):
         ax = axes[i, 0]
@@ -287,6 +305,10 @@ def plot_improvement(axes, fig5: Figure5) -> None:
         ax.set_ylabel("predicted improvement / B")
         ax.set_title(f"{imp.label}: per-sample improvement (★ = optimum on grid)")
         ax.legend(fontsize=8)
+        for ax in axes[i]:
+            ax.xaxis.set_major_locator(FixedLocator(list(grid)))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_major_formatter(ScalarFormatter())
 
 
 def check_checkpoint(path: str | Path, private: Any, whole: Any) -> tuple[mixing.PublicCheckpointInfo, str]:
@@ -456,6 +478,7 @@ def record_comparisons(rec: Any, final: Sequence[dict[str, Any]], comparisons: d
     return out
 
 
+@second_order
 def trace_h(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, n_probes: int, seed: int) -> float:
     """Hutchinson estimate of tr(H) of the mean loss on (x, y) (eval mode)."""
     was = model.training
@@ -468,6 +491,7 @@ def trace_h(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, n_probe
         model.train(was)
 
 
+@second_order
 def curvature_claim(arms: Arms, seeds: Sequence[int], epsilon: float, lr: float, rec: Any, *, n_examples: int,
                     n_probes: int) -> list[dict[str, Any]]:
     """A-curvature-falls: per seed, tr(H) on the first `n_examples` private examples at the
@@ -489,6 +513,7 @@ def curvature_claim(arms: Arms, seeds: Sequence[int], epsilon: float, lr: float,
     return out
 
 
+@second_order
 def curvature_trajectory(arms: Arms, seed: int, epsilon: float, lr: float, checkpoints: Sequence[int], rec: Any, *,
                          n_examples: int, n_probes: int) -> list[dict[str, Any]]:
     """tr(H) along the only_private trajectory of `seed`: the run repeated for each step count
