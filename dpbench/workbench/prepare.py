@@ -33,6 +33,7 @@ from typing import Iterable
 from dpbench.atomic import write_json_atomic
 from dpbench.errors import EXIT_USER_ERROR, UserError
 from dpbench.workbench import params as P
+from dpbench.workbench.provenance import sha256_file
 
 LEDGER = ".dpbench-prepared.json"  # in data_root: what prepare fetched, with checksums and sizes
 # torchvision data set name -> class name (the sets dpbench.data registers from torchvision)
@@ -208,15 +209,8 @@ def dataset_source(name: str) -> str:
 
 
 def _md5(path: Path) -> str:
+    """Hex md5 of a file (torchvision's checksums are md5)."""
     h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
