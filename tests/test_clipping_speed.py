@@ -21,6 +21,13 @@ from test_clipping import assert_close, naive_clipped, naive_per_sample
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _matches_naive(model, x, y, C):
+    """The engine's .grad (flat clipping at C) against the naive per-sample loop."""
+    ps = naive_per_sample(model, x, y)
+    ref, _ = naive_clipped(ps, {"all": list(ps)}, {"all": C})
+    assert_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-4)
+
+
 @pytest.mark.parametrize("shape,k,d,s", [
     ((2, 3, 9, 11), (3, 3), (1, 1), (1, 1)),    # long rows: strided copy
     ((2, 3, 20, 21), (3, 2), (2, 1), (2, 3)),   # dilation and stride
@@ -50,9 +57,7 @@ def test_kept_unfolded_inputs_never_serve_another_batch(method):
             for p in model.parameters():
                 p.grad = None
             eng.backward(F.cross_entropy(model(x), y, reduction="none"))
-            ps = naive_per_sample(model, x, y)
-            ref, _ = naive_clipped(ps, {"all": list(ps)}, {"all": 0.3})
-            assert_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-4)
+            _matches_naive(model, x, y, 0.3)
         assert not any("_kept" in l.rule.__dict__ for l in eng._layers)  # nothing held between steps
     finally:
         eng.remove()
@@ -107,9 +112,20 @@ def test_inputs_and_output_grads_released_once_a_layer_is_processed(method):
     try:
         x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
         eng.backward(F.cross_entropy(model(x), y, reduction="none"))
-        ps = naive_per_sample(model, x, y)
-        ref, _ = naive_clipped(ps, {"all": list(ps)}, {"all": 0.3})
-        assert_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-5)
+        _matches_naive(model, x, y, 0.3)
     finally:
         eng.remove()
     assert held and not any(h for _, h in held)
+
+
+def test_long_thin_per_sample_products_match_the_naive_loop():
+    """A stem-like conv (T = 256 >= 8 max(p, D)) takes the transposed per-sample product."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 16 * 16, 3))
+    eng = ClippingEngine(model, max_grad_norm=0.3, method="instantiate")
+    try:
+        x, y = torch.randn(5, 3, 16, 16), torch.randint(0, 3, (5,))
+        eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+        _matches_naive(model, x, y, 0.3)
+    finally:
+        eng.remove()

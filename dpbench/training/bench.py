@@ -620,19 +620,15 @@ def run_benchmark(profile: str | Sequence[Cell] = "cpu", *, models: Sequence[str
 
 
 def _fill_memory_ratios(rows: list[dict[str, Any]]) -> None:
-    """mem_ratio_to_nonprivate = step_mem_mb / the non-private cell's step_mem_mb."""
-    base = {(r["model"], r["resolution"], r["batch_size"]): r.get("step_mem_mb") for r in rows
-            if r["method"] == NONPRIVATE and r["status"] == "ok"}
-    for r in rows:
-        b = base.get((r["model"], r["resolution"], r["batch_size"]))
-        if r.get("step_mem_mb") is not None and b and b > 0:
-            r["mem_ratio_to_nonprivate"] = r["step_mem_mb"] / b
-    steady = {(r["model"], r["resolution"], r["batch_size"]): r.get("steady_mem_mb") for r in rows
-              if r["method"] == NONPRIVATE and r["status"] == "ok"}
-    for r in rows:
-        b = steady.get((r["model"], r["resolution"], r["batch_size"]))
-        if r.get("steady_mem_mb") is not None and b and b > 0:
-            r["steady_mem_ratio"] = r["steady_mem_mb"] / b
+    """mem_ratio_to_nonprivate = step_mem_mb / the non-private cell's step_mem_mb (and
+    steady_mem_ratio from steady_mem_mb likewise)."""
+    for mem, ratio in (("step_mem_mb", "mem_ratio_to_nonprivate"), ("steady_mem_mb", "steady_mem_ratio")):
+        base = {(r["model"], r["resolution"], r["batch_size"]): r.get(mem) for r in rows
+                if r["method"] == NONPRIVATE and r["status"] == "ok"}
+        for r in rows:
+            b = base.get((r["model"], r["resolution"], r["batch_size"]))
+            if r.get(mem) is not None and b and b > 0:
+                r[ratio] = r[mem] / b
 
 
 def format_table(rows: Iterable[dict[str, Any]]) -> str:
