@@ -98,3 +98,26 @@ def test_resized_vit_matches_the_naive_loop_and_keeps_its_names():
     _check_against_naive(model, torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (3,)))
     with pytest.raises(UserError, match="resize_to"):
         create_model("vit_tiny_patch16_224", 3, resize_to=-1)
+
+
+@pytest.mark.parametrize("method", ["opacus_hooks", "opacus_ghost"])
+def test_opacus_cells_run_on_timm_vgg_despite_inplace_relu(method):
+    # notebook 01's VGG19 headline is mixed against Opacus: its cells must run on timm's VGG,
+    # whose ReLU(inplace=True) breaks Opacus's module hooks unless the bench turns it off.
+    pytest.importorskip("opacus")
+    from timm.models.vgg import VGG
+
+    from dpbench.models import convert_batchnorm_to_groupnorm
+    from dpbench.training.bench import make_step
+
+    torch.manual_seed(0)
+    model = convert_batchnorm_to_groupnorm(VGG([64, "M", 64, "M"], num_classes=3, norm_layer=torch.nn.BatchNorm2d,
+                                               mlp_ratio=1 / 512))
+    assert any(getattr(m, "inplace", False) for m in model.modules())
+    step, cleanup = make_step(method, model, torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2,)))
+    try:
+        step()
+        step()
+    finally:
+        cleanup()
+    assert all(p.grad is not None for p in model.parameters())

@@ -170,6 +170,12 @@ def make_step(method: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         # Opacus warns about its insecure RNG and, on every step, about full backward
         # hooks firing on inputs that need no gradient: neither matters for a timing.
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        # Opacus's module hooks break on in-place activations (timm's ResNets and VGGs use
+        # ReLU(inplace=True): "Output 0 of BackwardHookFunction is a view and is being modified
+        # inplace"), so its copy of the model computes them out of place (a little more memory).
+        for m in model.modules():
+            if getattr(m, "inplace", None) is True:
+                m.inplace = False
         loader = DataLoader(TensorDataset(x, y), batch_size=B)
         opt = torch.optim.SGD(model.parameters(), lr=lr)
         with warnings.catch_warnings():
