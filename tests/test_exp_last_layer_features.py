@@ -316,6 +316,9 @@ def test_statistics_reuse_reproduces_the_solvers(regime_task, eps):
                                       steps=3, bias=-10.0, delta=1e-5, conversion="pld")
     assert torch.allclose(w, ref.weights, rtol=1e-5, atol=1e-6)  # batching runs changes nothing
     assert not torch.allclose(w_other, ref.weights)
+    (w_blocks, _), = fr.fc_runs(t.private, st, 4, [dict(epsilon=eps, seed=5, lr=0.3, lam=1.0, lam_noise=0.5)], steps=3,
+                                bias=-10.0, delta=1e-5, conversion="pld", chunk_rows=300)  # 7 blocks of rows
+    assert torch.allclose(w_blocks, ref.weights, rtol=1e-5, atol=1e-6)
 
 
 def test_head_gradient_norms_match_autograd():
