@@ -98,7 +98,8 @@ def test_downstream_refuses_a_shape_mismatch_and_missing_settings(tmp_path):
                                lrs={"linear_probe": 0.1, "fine_tune": 0.1}, batch_size=8)
     with pytest.raises(UserError, match="fine_tune"):
         pp.downstream_transfer({"s": _pretrained()}, SPEC, dataset="imagefolder", root="places365",
-                               data_root=str(tmp_path), epochs=1.0, lrs={"linear_probe": 0.1}, batch_size=8)
+                               data_root=str(tmp_path), epochs=1.0, lrs={"linear_probe": 0.1}, batch_size=8,
+                               modes=["linear_probe", "fine_tune"])
     with pytest.raises(UserError, match="downstream_root"):
         pp.load_downstream("imagefolder", str(tmp_path), image_size=8, in_chans=3)
     with pytest.raises(UserError, match="no pre-trained model"):

@@ -174,3 +174,16 @@ def test_05_fallback_feeds_a_checkpoint_its_own_image_size(public_ckpt):
     bb = llf.select_backbone("small_cnn", num_classes=10, public=pub, checkpoint=path, prefer=("checkpoint",),
                              resize=224)
     assert bb.source == "checkpoint" and bb.resize is None
+
+
+def test_list_shows_gpu_quick_only_where_a_notebook_has_it(capsys, monkeypatch):
+    from dpbench.workbench.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["notebook", "smoke", "cpu", "gpu", "gpu-quick"]
+    row02 = next(line for line in lines if line.startswith("02_groupwise_clipping"))
+    assert row02.rstrip().endswith("(no params)")
+    row01 = next(line for line in lines if line.startswith(NB01))
+    assert not row01.rstrip().endswith("(no params)")

@@ -111,10 +111,13 @@ def _list() -> int:
         print(f"no notebooks in {r.repo / 'notebooks'}")
         return 0
     width = max(len(n) for n in names)
-    print(f"{'notebook':<{width}}  " + "  ".join(f"{p:<24}" for p in params.PROFILES))
+    # smoke, cpu and gpu always; an optional profile (gpu-quick) only where some notebook has it
+    shown = [p for p in params.PROFILES
+             if p in ("smoke", "cpu", "gpu") or any(p in params.list_profiles(r.repo, nb) for nb in names)]
+    print(f"{'notebook':<{width}}  " + "  ".join(f"{p:<24}" for p in shown))
     for nb in names:
         have = params.list_profiles(r.repo, nb)
-        cells = [(r.status(p, nb) if p in have else "(no params)") for p in params.PROFILES]
+        cells = [(r.status(p, nb) if p in have else "(no params)") for p in shown]
         print(f"{nb:<{width}}  " + "  ".join(f"{c:<24}" for c in cells))
     print(f"results: {r.results}")
     return 0
