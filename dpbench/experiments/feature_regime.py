@@ -88,7 +88,7 @@ def regime_task(n: int, dim: int, num_classes: int, *, n_test: int, n_public: in
     `n_public` training and `n_public_val` validation examples from the same distribution
     (used only for tuning and for the normaliser, which is fitted on the public draw)."""
     syn = F.synthetic_features(n, dim, num_classes, n_test=n_test, n_public=n_public + n_public_val,
-                               separation=separation, label_noise=label_noise, seed=seed)
+                               separation=separation, label_noise=label_noise, seed=seed, dtype=np.float32)
     pub_x, pub_y = syn.public.features, syn.public.labels
     norm = F.PublicNormalizer().fit(pub_x[:n_public])
 
@@ -234,9 +234,9 @@ def _sgd_sigma(epsilon: float | None, q: float, steps: int, delta: float, conver
         return 0.0
     if q == 1.0:
         return L.calibrate_releases(epsilon, delta, [1.0] * int(steps), conversion)[0]
-    # A PLD grid finer than eps/2000 only costs time at the large epsilons here (tens of seconds
+    # A PLD grid finer than eps/1000 only costs time at the large epsilons here (tens of seconds
     # per calibration at eps ~ 200); a coarser pessimistic grid still bounds epsilon from above.
-    grid = max(accounting.pld_interval(int(steps)), float(epsilon) / 2000) if conversion == "pld" else None
+    grid = max(accounting.pld_interval(int(steps)), float(epsilon) / 1000) if conversion == "pld" else None
     return accounting.noise_multiplier(epsilon, q, int(steps), delta=delta, accountant=conversion, tol=1e-4,
                                        pld_discretization=grid)
 
