@@ -148,6 +148,20 @@ def test_subclass_overriding_forward_is_refused_at_build():
     ClippingEngine(_net(PlainLinear(5, 4))).remove()  # same forward: accepted
 
 
+class ScaledConv(nn.Conv2d):
+    """Overrides _conv_forward (which nn.Conv2d's forward calls), not forward: the Conv2d rule would be wrong."""
+
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, 2 * weight, bias)
+
+
+def test_subclass_overriding_conv_forward_is_refused_at_build():
+    torch.manual_seed(0)
+    model = nn.Sequential(ScaledConv(3, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 3)).double()
+    with pytest.raises(UserError, match=r"'0' .*ScaledConv.* overrides _conv_forward.*register a rule"):
+        ClippingEngine(model, check=False)
+
+
 def test_subclass_with_its_own_rule_is_accepted():
     from dpbench.clipping import rules
 

@@ -94,6 +94,29 @@ def test_chunked_noise_law_and_seed(monkeypatch):
     assert not torch.equal(a[:1000], a[1000:2000])
 
 
+def test_chunked_noise_pieces_never_repeat_across_parameters_or_steps(monkeypatch):
+    """Every piece of every parameter's noise, over two steps, is a fresh draw: no piece of the
+    scratch buffer is added twice (equal blocks) and neighbouring pieces are uncorrelated."""
+    monkeypatch.setattr(DPOptimizer, "NOISE_CHUNK", 500)
+    params = [nn.Parameter(torch.zeros(1700)), nn.Parameter(torch.zeros(30, 40)), nn.Parameter(torch.zeros(500))]
+    opt = DPOptimizer(torch.optim.SGD(params, lr=1.0), _Sens(params), 1.0, 1.0, seed=3)
+    steps = []
+    for _ in range(2):
+        opt.zero_grad(set_to_none=False)  # the gradient buffers are reused too
+        opt.add_noise()
+        steps.append(torch.cat([p.grad.flatten() for p in params]).clone())
+    noise = torch.cat(steps)
+    pieces = [noise[i:i + 200] for i in range(0, noise.numel() - 199, 100)]
+    first = {tuple(q[:4].tolist()) for q in pieces}
+    assert len(first) == len(pieces)  # no block of noise appears twice
+    # consecutive 500-element blocks (the scratch size) are uncorrelated
+    blocks = noise[: noise.numel() // 500 * 500].view(-1, 500)
+    corr = torch.corrcoef(blocks)
+    off = corr - torch.diag(torch.diag(corr))
+    assert off.abs().max() < 0.25
+    assert abs(noise.std().item() - 1.0) < 0.05
+
+
 @pytest.mark.parametrize("method", ["instantiate", "bk"])
 def test_inputs_and_output_grads_released_once_a_layer_is_processed(method):
     """A processed layer's uses no longer hold A and G (the stash keeps what the clipped sum

@@ -65,6 +65,10 @@ def find_rule(module: nn.Module) -> type | None:
     return rule_owner(module)[0]
 
 
+#: methods whose override changes what a supported layer computes
+_FORWARD_METHODS = ("forward", "_conv_forward")
+
+
 def check_forward(module: nn.Module, name: str) -> None:
     """Refuse a subclass of a supported layer that overrides `forward` without its own rule.
 
@@ -73,10 +77,14 @@ def check_forward(module: nn.Module, name: str) -> None:
     """
     rule, owner = rule_owner(module)
     t = type(module)
-    if rule is None or owner is t or getattr(t, "forward", None) is getattr(owner, "forward", None):
+    if rule is None or owner is t:
+        return
+    # forward, and the helpers torch's forwards delegate to (nn.Conv2d.forward is _conv_forward)
+    changed = [m for m in _FORWARD_METHODS if getattr(t, m, None) is not getattr(owner, m, None)]
+    if not changed:
         return
     raise UserError(
-        f"module {name!r} ({t.__module__}.{t.__qualname__}) subclasses {owner.__name__} but overrides forward, so "
+        f"module {name!r} ({t.__module__}.{t.__qualname__}) subclasses {owner.__name__} but overrides {changed[0]}, so "
         f"the {owner.__name__} clipping rule may not match it; register a rule for this exact class "
         f"(@dpbench.clipping.register_rule({t.__name__}), or register_rule({t.__name__})({rule.__name__}) if "
         "its forward computes the same function) or freeze its parameters")
