@@ -76,7 +76,7 @@ def test_dry_run_of_every_notebook(tmp_path, capsys):
     ok, under results/dryrun/ only, with what the CPU could not exercise in the output and the
     manifest. Nothing is skipped: a notebook that needs data gets its stand-in."""
     t0 = time.perf_counter()
-    results = dryrun.run(NOTEBOOKS, "gpu", repo=REPO, results=tmp_path, progress=False)
+    results = dryrun.run(NOTEBOOKS, "gpu", repo=REPO, results=tmp_path, progress=False, jobs=2)
     elapsed = time.perf_counter() - t0
     err = capsys.readouterr().err
     failed = {r.notebook: r.error for r in results if r.status != "ok"}

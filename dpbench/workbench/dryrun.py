@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 from dpbench.errors import UserError
 from dpbench.workbench import params as P
-from dpbench.workbench.runner import DRYRUN_DIR, Runner
+from dpbench.workbench.runner import DRYRUN_DIR, RESULTS_ROOT_ENV, Runner, RunResult
 from dpbench.workbench.scheduling import run_in_order, topological
 
 MAX_PX = 32
@@ -297,9 +297,11 @@ def write_random_weights(name: str, cache: Path, **arch: Any) -> Path:
 
 
 def run(notebooks: list[str], profile: str = "gpu", *, repo=None, results=None, force: bool = True,
-        progress: bool = True, out=None):
+        progress: bool = True, out=None, jobs: int = 1):
     """Dry-run `notebooks` (and any upstream they require) in dependency order; returns the
-    RunResults. Fails like a real run on any crash, shape error or missing key."""
+    RunResults in that order. Fails like a real run on any crash, shape error or missing key.
+    `jobs` > 1 runs up to that many kernels at once (one CPU thread each), a notebook only
+    after its upstreams finished ok."""
     if profile == DRYRUN_DIR:
         raise UserError("--dry-run takes the profile to imitate, e.g. --profile gpu")
     runner = Runner(repo, results, progress=progress, out=out, dry_run=True)
@@ -328,8 +330,43 @@ def run(notebooks: list[str], profile: str = "gpu", *, repo=None, results=None, 
             P.check_weights(spec)
             lines = spec.dry_run["not_exercised"] or ["(nothing: the CPU runs this notebook's whole gpu path)"]
             runner._say(f"{spec.notebook} [{profile} dry run]: not exercised on the CPU:\n  - " + "\n  - ".join(lines))
-        results = run_in_order(runner, ordered, force=force)
+        # upstream_dir() in the kernels looks here; set once, so parallel runs agree on it
+        os.environ[RESULTS_ROOT_ENV] = str(runner.root_for(profile))
+        try:
+            results = run_in_order(runner, ordered, force=force) if jobs <= 1 else _run_jobs(runner, ordered, force, jobs)
+        finally:
+            os.environ.pop(RESULTS_ROOT_ENV, None)
     return [_check_rows(runner, r) for r in results]
+
+
+def _run_jobs(runner: Runner, specs: list[P.RunSpec], force: bool, jobs: int) -> list:
+    """Run `specs` on `jobs` threads (each drives its own kernel), longest-known first; a
+    notebook whose upstream failed is failed without running, as in `run_in_order`."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    done: dict[str, Any] = {}
+    pending = list(specs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        running: dict[Any, P.RunSpec] = {}
+        while pending or running:
+            for spec in list(pending):
+                if len(running) >= jobs:
+                    break
+                ups = [u for u in spec.requires if u in {s.notebook for s in specs}]
+                bad = [u for u in ups if u in done and not done[u].ok]
+                if bad:
+                    err = {"name": "UpstreamFailed", "message": f"upstream {', '.join(bad)} failed"}
+                    runner._say(f"{spec.notebook} [{spec.profile}]: not run, {err['message']}")
+                    done[spec.notebook] = RunResult(spec.notebook, spec.profile, "failed",
+                                                    runner.failed_dir(spec.profile, spec.notebook), 0.0, err)
+                    pending.remove(spec)
+                elif all(u in done for u in ups):
+                    running[pool.submit(runner.run, spec, force)] = spec
+                    pending.remove(spec)
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                done[running.pop(fut).notebook] = fut.result()
+    return [done[s.notebook] for s in specs]
 
 
 # A row whose reason is an exception ("RuntimeError: ...") is a crash the notebook caught and
