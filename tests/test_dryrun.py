@@ -117,7 +117,10 @@ def test_a_caught_exception_in_the_metrics_fails_the_dry_run(tmp_path):
     r = runner.RunResult("nb", "gpu", "ok", folder)
     assert dryrun._check_rows(runner.Runner(REPO, tmp_path), r).status == "ok"  # a CPU limit is no crash
     with open(folder / "metrics.csv", "a") as f:
-        f.write("opacus,t,failed,RuntimeError: view modified inplace\n")
+        f.write("opacus_hooks,t,failed,RuntimeError: view modified inplace\n")
+    assert dryrun._check_rows(runner.Runner(REPO, tmp_path), r).status == "ok"  # a peer's failure is a finding
+    with open(folder / "metrics.csv", "a") as f:
+        f.write("ghost,t,failed,RuntimeError: view modified inplace\n")
     r = dryrun._check_rows(runner.Runner(REPO, tmp_path), r)
     assert r.status == "failed" and "RuntimeError" in r.error["message"]
     assert json.loads((folder / "manifest.json").read_text())["status"] == "failed"
