@@ -434,3 +434,33 @@ def test_timm_vit_token_variants_are_exact(kw):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, depth=1,
                               **kw).double().eval()
     check_all(model, *data((3, 32, 32), B=3), styles=("flat",), clip_fns=("abadi",))
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.a, self.b, self.reentrant = nn.Linear(5, 8), nn.Linear(8, 3), reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(lambda t: self.b(torch.tanh(t)), self.a(x), use_reentrant=self.reentrant)
+
+
+def test_activation_checkpointing_exact_or_one_line_refusal():
+    """Non-reentrant checkpointing is exact; the reentrant one (incompatible with autograd.grad) is a UserError."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model = _Checkpointed(False).double()
+    ps = naive_per_sample(model, x, y)
+    ref, _ = naive_clipped(ps, {"all": list(ps)}, {"all": 0.5})
+    eng = ClippingEngine(model, max_grad_norm=0.5, method="bk")
+    eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+    assert_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-9)
+    eng.remove()
+    model.reentrant = True
+    model.zero_grad(set_to_none=True)
+    eng = ClippingEngine(model, max_grad_norm=0.5, method="bk")
+    with pytest.raises(UserError, match="use_reentrant=False") as e:
+        eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+    assert "\n" not in str(e.value)

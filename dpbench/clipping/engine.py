@@ -692,8 +692,14 @@ class ClippingEngine:
         self._phase = 1
         recompute = any(l.pass2 for l in self._layers)
         if anchors:
-            torch.autograd.grad(total, anchors, retain_graph=self._two_pass or recompute or checking,
-                                allow_unused=True)
+            try:
+                torch.autograd.grad(total, anchors, retain_graph=self._two_pass or recompute or checking,
+                                    allow_unused=True)
+            except RuntimeError as e:
+                if "use_reentrant=True" not in str(e):
+                    raise
+                raise UserError("torch.utils.checkpoint(..., use_reentrant=True) cannot run under the clipping "
+                                "engine (its pass 1 is torch.autograd.grad); use use_reentrant=False") from None
         self._phase = 0
         for l in self._layers:  # layers whose output gradient never came (unused, or stale forwards)
             if not l.processed:
