@@ -464,3 +464,11 @@ def test_activation_checkpointing_exact_or_one_line_refusal():
     with pytest.raises(UserError, match="use_reentrant=False") as e:
         eng.backward(F.cross_entropy(model(x), y, reduction="none"))
     assert "\n" not in str(e.value)
+
+
+def test_parametrized_weight_is_refused_at_build_in_one_line():
+    conv = nn.Conv2d(3, 4, 3)
+    torch.nn.utils.parametrizations.weight_norm(conv)
+    with pytest.raises(UserError, match=r"'0.parametrizations.weight.original0' is reparametrised.*remove_parametrizations") as e:
+        ClippingEngine(nn.Sequential(conv))
+    assert "\n" not in str(e.value)

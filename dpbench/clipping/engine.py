@@ -70,6 +70,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.utils.parametrize  # noqa: F401 (ParametrizationList, for a clear refusal)
 from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -406,6 +407,13 @@ class ClippingEngine:
             if not own:
                 continue  # frozen or parameter-free: no hooks, no cost
             name = mname or ROOT
+            if isinstance(m, torch.nn.utils.parametrize.ParametrizationList):
+                full = next(iter(own))
+                full = f"{mname}.{full}" if mname else full
+                raise UserError(
+                    f"trainable parameter {full!r} is reparametrised by torch.nn.utils.parametrize (weight_norm, "
+                    "spectral_norm, ...), which the clipping engine has no rule for; remove it with "
+                    f"torch.nn.utils.parametrize.remove_parametrizations or freeze it (dpbench.models.freeze(model, [{full!r}]))")
             rule_cls = find_rule(m)
             if rule_cls is not None:
                 check_forward(m, name)  # a subclass with its own forward needs its own rule
