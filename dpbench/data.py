@@ -749,7 +749,10 @@ class StreamedImages:
             return self[torch.tensor([int(index)])][0]
         if isinstance(index, slice):
             index = torch.arange(len(self))[index]
-        x = self.dataset.tensors(torch.as_tensor(index, dtype=torch.long).reshape(-1))[0]
+        index = torch.as_tensor(index)
+        if index.dtype == torch.bool:  # a mask selects rows, as on a tensor (a cast to long would read rows 0/1)
+            index = torch.arange(len(self), device=index.device)[index]
+        x = self.dataset.tensors(index.long().reshape(-1))[0]
         return x.pin_memory() if torch.cuda.is_available() else x
 
     def __repr__(self) -> str:

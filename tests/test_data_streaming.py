@@ -61,6 +61,18 @@ def test_x_is_a_streamed_view_decoded_on_access(folder, decodes, monkeypatch):
     assert torch.equal(sub.x[:], ref[[7, 1]])
 
 
+def test_streamed_view_takes_boolean_masks_as_masks(folder):
+    """A boolean mask selects rows, as on a tensor (a cast to long would read rows 0 and 1 over and over)."""
+    x, ref = folder.x, _serial(folder)
+    mask = torch.zeros(12, dtype=torch.bool)
+    mask[[2, 7, 11]] = True
+    assert torch.equal(x[mask], ref[mask])
+    assert torch.equal(x[mask.numpy()], ref[mask])
+    assert torch.equal(x[[4, 9]], ref[[4, 9]])
+    with pytest.raises(IndexError):
+        x[torch.ones(5, dtype=torch.bool)]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_streams_in_order_through_workers(folder, workers):
     ref = _serial(folder)
