@@ -472,3 +472,23 @@ def test_parametrized_weight_is_refused_at_build_in_one_line():
     with pytest.raises(UserError, match=r"'0.parametrizations.weight.original0' is reparametrised.*remove_parametrizations") as e:
         ClippingEngine(nn.Sequential(conv))
     assert "\n" not in str(e.value)
+
+
+class _ChannelScale(nn.Module):
+    """Another library's 'LayerScale' over the channels of NCHW: same name as timm's, different forward."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((c, 1, 1), 0.5))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+_ChannelScale.__name__ = _ChannelScale.__qualname__ = "LayerScale"
+
+
+def test_a_layerscale_by_name_that_is_not_timms_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _ChannelScale(4), nn.Flatten(), nn.Linear(4 * 36, 2))
+    with pytest.raises(UserError, match="named LayerScale but its gamma"):
+        ClippingEngine(model, check=False)

@@ -572,6 +572,14 @@ class LayerScaleRule(LayerRule):
     param_names = ("gamma",)
     capture_before = True
 
+    def check(self, module, names):
+        # Matched by class name: a "LayerScale" of another library that scales channels of NCHW
+        # (gamma of shape (C, 1, 1)) is not timm's, and this rule would misread it.
+        g = getattr(module, "gamma", None)
+        if not isinstance(g, torch.Tensor) or g.dim() != 1:
+            raise UserError(f"{type(module).__module__}.{type(module).__qualname__} is named LayerScale but its gamma "
+                            f"is not a vector over the last axis; register a rule for it (@dpbench.clipping.register_rule)")
+
     def capture(self, module, inputs, output, names):
         x = inputs[0]
         return x.detach().clone() if getattr(module, "inplace", False) else x
@@ -580,6 +588,9 @@ class LayerScaleRule(LayerRule):
         out = None
         dt = _work_dtype(*acts, *grads)
         for a, g in zip(acts, grads):
+            if a.shape != g.shape or g.shape[-1] != module.gamma.numel():
+                raise UserError(f"LayerScale {type(module).__qualname__}: input {tuple(a.shape)} and output "
+                                f"{tuple(g.shape)} are not x * gamma over the last axis; register a rule for it")
             t = (_cast(a, dt) * _cast(g, dt)).reshape(g.shape[0], -1, g.shape[-1]).sum(1)
             out = t if out is None else out + t
         return {"gamma": out}
