@@ -104,6 +104,8 @@ def test_cli_dry_run_runs_upstreams_and_fails_on_a_crash(fake_repo, capsys):
     assert m["dry_run"]["changes"]["device"] == {"profile": "cuda", "dry_run": "cpu"}
     assert not (fake_repo / "results" / "gpu").exists() and not (fake_repo / "results" / runner.GPU_WITHOUT_CUDA_DIR).exists()
     assert main(["run", "00_tiny", "--profile", "gpu", "--dry-run", "-p", "n", "2"]) == 2  # no overrides
+    assert main(["run", "00_tiny", "--profile", "smoke", "--dry-run"]) == 2  # only gpu profiles have a dry run
+    assert "--dry-run is for the gpu profiles" in capsys.readouterr().err
     (fake_repo / "params" / "00_tiny" / "gpu.yaml").write_text("n: 4\ndevice: cuda\nfail: true\n")
     assert main(["run", "00_tiny", "--profile", "gpu", "--dry-run", "--no-progress"]) == 1
     assert "boom on request" in capsys.readouterr().err

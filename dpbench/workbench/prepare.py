@@ -293,6 +293,7 @@ def fetch(item: Item, dest: Path) -> None:
             raise OSError(f"{item.name}: weights only at {source}, not on the Hugging Face hub; fetch them with timm")
         from huggingface_hub import hf_hub_download
 
+        _resolve_hub_host()
         hf_hub_download(source, WEIGHT_FILES[0], cache_dir=str(dest))
         return
     import torchvision.datasets as tvd
@@ -305,6 +306,19 @@ def fetch(item: Item, dest: Path) -> None:
             cls(str(dest / "svhn"), split=split, download=True)
         else:
             cls(str(dest), train=split == "train", download=True)
+
+
+def _resolve_hub_host() -> None:
+    """Fail at once when the hub's host does not resolve (no network): the hub client would
+    otherwise retry with back-off for about 10 s per item before giving up."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        raise OSError(f"cannot resolve {host}, no network ({exc})") from exc
 
 
 def _fetch_dataset(item: Item) -> None:
@@ -375,7 +389,7 @@ def how_to_provide(item: Item, profile: str = "gpu") -> str:
         loc = weights_path(item.name, item.root)
         if loc.source.startswith("http"):
             return f"download {loc.url} and load it with checkpoint=PATH"
-        return (f"from {loc.url}: on a machine with network run `huggingface-cli download {loc.source} {WEIGHT_FILES[0]} "
+        return (f"from {loc.url}: on a machine with network run `hf download {loc.source} {WEIGHT_FILES[0]} "
                 f"--cache-dir CACHE` (or `dpbench prepare --profile {profile}`) and copy CACHE/{_repo_folder(loc.source)} "
                 f"to {loc.cache / _repo_folder(loc.source)}")
     base = item.name.split(":", 1)[0]
