@@ -420,3 +420,31 @@ def test_claim_rows_are_keyed_to_n_eps_bands_never_pooled():
         got = [r for r in rows if r["claim_id"] == claim]
         assert {r["method"] for r in got} == {"dp_fc", "least_squares", "newton"}
         assert {r["epsilon"] for r in got} == set(band_eps)
+
+
+def test_nb05_parameters_cell_parses_and_covers_every_profile_key():
+    """papermill drops a profile key it cannot find in the parameters cell (with only a warning),
+    e.g. after a comment it fails to parse; every line must parse and every key be a parameter."""
+    import logging
+
+    import nbformat
+    import yaml
+    from papermill.translators import PythonTranslator
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    nb = nbformat.read(root / "notebooks" / "05_last_layer_features.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if c.cell_type == "code")
+    assert "parameters" in cell.metadata.get("tags", [])
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("papermill").addHandler(handler)
+    try:
+        names = {p.name for p in PythonTranslator.inspect(cell)}
+    finally:
+        logging.getLogger("papermill").removeHandler(handler)
+    assert not [r.getMessage() for r in records if "Unable to parse" in r.getMessage()]
+    for profile in sorted((root / "params" / "05_last_layer_features").glob("*.yaml")):
+        keys = set(yaml.safe_load(profile.read_text()) or {})
+        assert keys <= names, (profile.name, sorted(keys - names))
