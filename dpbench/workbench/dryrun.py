@@ -373,7 +373,6 @@ def _run_jobs(runner: Runner, specs: list[P.RunSpec], force: bool, jobs: int) ->
 # recorded; in a dry run it fails the notebook. Rows a CPU cannot measure ("not measured: ...")
 # are not crashes, and neither are a peer library's own failures (Opacus on timm's ResNets, whose
 # in-place residual add its hooks reject): those are the bench's findings, listed, not dpbench bugs.
-PEER_METHODS = ("opacus_hooks", "opacus_ghost")
 CRASH_REASON = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
 
 
@@ -387,6 +386,7 @@ def _check_rows(runner: Runner, result):
     path = Path(result.path) / "metrics.csv"
     if result.status != "ok" or not path.is_file():
         return result
+    from dpbench.training.bench import OPACUS_METHODS as PEER_METHODS  # the bench's peer baselines
     with open(path, newline="") as f:
         caught = [r for r in csv.DictReader(f) if r.get("status") == "failed" and CRASH_REASON.match(r.get("reason") or "")]
     crashed = [r for r in caught if r.get("method") not in PEER_METHODS]
