@@ -142,9 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run" and args.dry_run:
             from dpbench.workbench import dryrun
 
-            if args.profile not in params.GPU_PROFILES:
-                raise UserError(f"--dry-run is for the gpu profiles ({', '.join(params.GPU_PROFILES)}), not "
-                                f"{args.profile!r}: run the {args.profile} profile itself, it already runs on the CPU")
             if args.param:
                 raise UserError("--dry-run takes no -p overrides: it derives its parameters from the profile "
                                 f"(add params/{args.notebook}/{args.profile}-dryrun.yaml to change them)")

@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 from dpbench.errors import UserError
 from dpbench.workbench import params as P
-from dpbench.workbench.runner import DRYRUN_DIR, RESULTS_ROOT_ENV, Runner, RunResult
+from dpbench.workbench.runner import RESULTS_ROOT_ENV, Runner, RunResult
 from dpbench.workbench.scheduling import run_in_order, topological
 
 MAX_PX = 32
@@ -302,8 +302,9 @@ def run(notebooks: list[str], profile: str = "gpu", *, repo=None, results=None, 
     RunResults in that order. Fails like a real run on any crash, shape error or missing key.
     `jobs` > 1 runs up to that many kernels at once (one CPU thread each), a notebook only
     after its upstreams finished ok."""
-    if profile == DRYRUN_DIR:
-        raise UserError("--dry-run takes the profile to imitate, e.g. --profile gpu")
+    if profile not in P.GPU_PROFILES:
+        raise UserError(f"--dry-run is for the gpu profiles ({', '.join(P.GPU_PROFILES)}), not "
+                        f"{profile!r}: run the {profile} profile itself, it already runs on the CPU")
     runner = Runner(repo, results, progress=progress, out=out, dry_run=True)
     specs: dict[str, P.RunSpec] = {}
 
@@ -340,7 +341,7 @@ def run(notebooks: list[str], profile: str = "gpu", *, repo=None, results=None, 
 
 
 def _run_jobs(runner: Runner, specs: list[P.RunSpec], force: bool, jobs: int) -> list:
-    """Run `specs` on `jobs` threads (each drives its own kernel), longest-known first; a
+    """Run `specs` on `jobs` threads (each drives its own kernel), in their (dependency) order; a
     notebook whose upstream failed is failed without running, as in `run_in_order`."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
