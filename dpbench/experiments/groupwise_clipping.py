@@ -711,16 +711,9 @@ def arm_learning_rates(tuning: study_design.Tuning, arms: Sequence[str]) -> dict
 def pilot_sizing(tuning: study_design.Tuning, comparisons: dict[str, tuple[str, str]],
                  targets: dict[str, float], *, min_seeds: int = 6, max_seeds: int = 40) -> list[dict[str, Any]]:
     """Per pre-registered comparison: the pilot's paired validation differences X - Y at the
-    chosen learning rates (the tuning seeds), their sd, and the seeds `seeds_needed` says
-    bring the 95% half-width under the claim's target (the paper's effect or margin)."""
-    rows = []
-    for claim, (x, y) in comparisons.items():
-        a, b = tuning.scores(x), tuning.scores(y)
-        d = [a[s] - b[s] for s in a if s in b]
-        need = study_design.seeds_needed(d, targets[claim], min_seeds=min_seeds, max_seeds=max_seeds)
-        rows.append({"claim": claim, "pair": f"{x} - {y}", "pilot_mean": float(np.mean(d)),
-                     "pilot_sd": float(np.std(d, ddof=1)), "target_halfwidth": targets[claim], "seeds_needed": need})
-    return rows
+    chosen learning rates and the seeds that bring the 95% half-width under the claim's
+    target (the paper's effect or margin); `study_design.pilot_sizing`."""
+    return study_design.pilot_sizing(tuning, comparisons, targets, min_seeds=min_seeds, max_seeds=max_seeds)
 
 
 def run_verdict(study: SplitStudy, lrs: dict[str, float], jobs_: Sequence[tuple[str, int]],

@@ -402,16 +402,8 @@ def pilot_sizing(tunings: dict[float, study_design.Tuning], comparisons: dict[st
                  targets: dict[str, float], *, min_seeds: int = 6, max_seeds: int = 40) -> list[dict[str, Any]]:
     """Per pre-registered comparison at `epsilon`: the tuning seeds' paired validation
     differences at the chosen rates and the seeds that bring the 95% half-width under the
-    claim's target."""
-    t, rows = tunings[epsilon], []
-    for claim, (x, y) in comparisons.items():
-        a, b = t.scores(x), t.scores(y)
-        d = [a[s] - b[s] for s in a if s in b]
-        rows.append({"claim": claim, "pair": f"{x} - {y}", "pilot_mean": float(np.mean(d)),
-                     "pilot_sd": float(np.std(d, ddof=1)), "target_halfwidth": targets[claim],
-                     "seeds_needed": study_design.seeds_needed(d, targets[claim], min_seeds=min_seeds,
-                                                               max_seeds=max_seeds)})
-    return rows
+    claim's target (`study_design.pilot_sizing` of that epsilon's tuning)."""
+    return study_design.pilot_sizing(tunings[epsilon], comparisons, targets, min_seeds=min_seeds, max_seeds=max_seeds)
 
 
 def run_verdict(arms: Arms, schedules: Sequence[str], lrs: dict[float, dict[str, float]], seeds: Sequence[int],

@@ -174,6 +174,21 @@ def seeds_needed(pilot_diffs: Sequence[float], target: float, *, min_seeds: int 
     return max_seeds
 
 
+def pilot_sizing(tuning: Tuning, comparisons: Mapping[str, Sequence[str]], targets: Mapping[str, float], *,
+                 min_seeds: int = 6, max_seeds: int = 40) -> list[dict[str, Any]]:
+    """Per pre-registered comparison {claim_id: (X, Y)}: the pilot's paired validation
+    differences X - Y at the chosen values (the tuning seeds), their sd, and the seeds
+    `seeds_needed` says bring the 95% half-width under the claim's target."""
+    rows = []
+    for claim, (x, y) in comparisons.items():
+        a, b = tuning.scores(x), tuning.scores(y)
+        d = [a[s] - b[s] for s in a if s in b]
+        rows.append({"claim": claim, "pair": f"{x} - {y}", "pilot_mean": float(np.mean(d)),
+                     "pilot_sd": float(np.std(d, ddof=1)), "target_halfwidth": targets[claim],
+                     "seeds_needed": seeds_needed(d, targets[claim], min_seeds=min_seeds, max_seeds=max_seeds)})
+    return rows
+
+
 def fresh_seeds(n: int, avoid: Sequence[int], start: int = 1000) -> list[int]:
     """`n` seeds from `start` on that are not in `avoid` (the pilot / tuning seeds)."""
     bad = set(avoid)
