@@ -766,8 +766,9 @@ def record_comparisons(rec, runs: Sequence[dict[str, Any]], comparisons: dict[st
     eps = next(r["epsilon"] for r in runs if r["epsilon"] is not None)
     out = []
     for claim, (x, y) in comparisons.items():
-        d = [by[(x, s)]["test_acc"] - by[(y, s)]["test_acc"] for s in seeds if (x, s) in by and (y, s) in by]
-        for s, v in zip(seeds, d):
+        pairs = {s: by[(x, s)]["test_acc"] - by[(y, s)]["test_acc"] for s in seeds if (x, s) in by and (y, s) in by}
+        d = list(pairs.values())
+        for s, v in pairs.items():  # keyed by seed: a seed missing one arm must not shift the others' labels
             rec.add("test_acc_difference", v, method=f"{x} - {y}", epsilon=eps, seed=s, comparison="difference",
                     claim_id=claim, setting=f"test acc of {x} minus {y}; {setting}")
         out.append({"claim": claim, "pair": f"{x} - {y}", "mean": float(np.mean(d)),
