@@ -145,13 +145,18 @@ def test_engine_runs_rules_without_tf32_and_restores(restore_tf32, monkeypatch):
     from dpbench.clipping import rules
 
     seen = []
-    orig = rules.Conv2dRule.sq_norms
 
-    def spy(self, *a, **k):
-        seen.append(_flags())
-        return orig(self, *a, **k)
+    def spy_on(name):
+        orig = getattr(rules.Conv2dRule, name)
 
-    monkeypatch.setattr(rules.Conv2dRule, "sq_norms", spy)
+        def spy(self, *a, **k):
+            seen.append((name, _flags()))
+            return orig(self, *a, **k)
+
+        monkeypatch.setattr(rules.Conv2dRule, name, spy)
+
+    spy_on("sq_norms")
+    spy_on("weighted_sum")  # the clipped sums (_emit) too
     for method in METHODS:
         model = EveryRule()
         eng = ClippingEngine(model, method=method)
@@ -160,7 +165,8 @@ def test_engine_runs_rules_without_tf32_and_restores(restore_tf32, monkeypatch):
             eng.backward(F.cross_entropy(model(torch.randn(3, 3, 4, 4)), torch.tensor([0, 1, 2]), reduction="none"))
             assert _flags() == (True, True), method
         eng.remove()
-    assert seen and all(f == (False, False) for f in seen)
+    assert {n for n, _ in seen} == {"sq_norms", "weighted_sum"}
+    assert all(f == (False, False) for _, f in seen)
 
 
 # ------------------------------------------------------------------ copies of a hooked model

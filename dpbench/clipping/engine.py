@@ -709,12 +709,13 @@ class ClippingEngine:
                 raise UserError("torch.utils.checkpoint(..., use_reentrant=True) cannot run under the clipping "
                                 "engine (its pass 1 is torch.autograd.grad); use use_reentrant=False") from None
         self._phase = 0
-        for l in self._layers:  # layers whose output gradient never came (unused, or stale forwards)
-            if not l.processed:
-                self._process(l)
-        for g in self._groups:
-            if g not in self._coef:
-                self._complete(g)
+        with no_tf32():  # _complete emits clipped sums (inside _process, TF32 is off already)
+            for l in self._layers:  # layers whose output gradient never came (unused, or stale forwards)
+                if not l.processed:
+                    self._process(l)
+            for g in self._groups:
+                if g not in self._coef:
+                    self._complete(g)
         if checking:
             self._self_check(total, retain=True)
             self._per_sample_check(losses)
@@ -760,12 +761,12 @@ class ClippingEngine:
         T, D, p = dims
         return "ghost" if ghost_is_cheaper(T, D, p) else "instantiate"
 
-    @no_tf32()
     def _measure(self, l, acts, grads) -> dict:
         """{rule: (seconds, stashed bytes)}: norms and clipped sum of this layer, timed on this batch.
 
         ghost stashes A and G; instantiate stashes only the per-sample gradients; recompute
         (flat style) stashes nothing and costs about a clipped sum more (the second backward).
+        Called from _process, so TF32 is already off.
         """
         ones = {n: torch.ones(self._B, dtype=torch.float32, device=l.params[n].device) for n in l.names}
         nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))  # noqa
@@ -886,8 +887,8 @@ class ClippingEngine:
             if l.processed and l.stash is not None and all(x in self._coef for x in l.groups):
                 self._emit(l)
 
-    @no_tf32()
     def _emit(self, l: _Layer):
+        # Called only under no_tf32 (from _process, or _backward's tail): not toggled again per layer.
         if l.stash is None:
             return
         acts, grads, ps = l.stash
