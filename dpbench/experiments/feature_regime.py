@@ -149,12 +149,10 @@ def ls_noisy(stats: Stats, epsilon: float | None, delta: float, conversion: str,
     order: G, then the L class matrices, then the class sums); `epsilon=None`: no noise."""
     if epsilon is None:
         return NoisyLS(stats.gram, stats.per_class, stats.sums, 0.0, 0.0)
-    d, nc, c, c2 = stats.gram.shape[0], stats.sums.shape[0], stats.clip_norm, stats.clip_norm ** 2
+    c2 = stats.clip_norm ** 2
     s_g, s_a, s_b = L.calibrate_releases(epsilon, delta, (1.0, 1.0, 1.0), conversion)
-    gen = _gen(seed)
-    gram = L.project_psd(stats.gram + L.symmetric_gaussian_noise(d, s_g * c2, gen, dtype=MAT))
-    per_class = L.project_psd(stats.per_class + L.symmetric_gaussian_noise(d, s_a * c2, gen, dtype=MAT, batch=(nc,)))
-    sums = stats.sums + torch.randn(stats.sums.shape, generator=gen, dtype=MAT) * (s_b * c)
+    gram, per_class, sums = L.least_squares_releases(stats.gram, stats.per_class, stats.sums, (s_g, s_a, s_b),
+                                                     stats.clip_norm, _gen(seed))
     return NoisyLS(gram, per_class, sums, s_g * c2, s_a * c2, (s_g, s_a, s_b))
 
 

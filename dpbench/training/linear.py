@@ -349,6 +349,21 @@ def class_grams(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[tor
     return per_class, per_class.sum(0)
 
 
+def least_squares_releases(gram: torch.Tensor, per_class: torch.Tensor, sums: torch.Tensor,
+                           sigmas: Sequence[float], clip_norm: float, gen: torch.Generator,
+                           device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three noisy releases of `dp_least_squares` from its statistics (G, {A_l}, {b_l}) and
+    noise multipliers (s_g, s_a, s_b): G and A_l get symmetric noise of std s C^2 and are
+    projected to PSD, b_l gets N(0, (s_b C)^2); drawn from `gen` in that order."""
+    s_g, s_a, s_b = sigmas
+    d, c2 = gram.shape[0], clip_norm**2
+    gram_n = project_psd(gram + symmetric_gaussian_noise(d, s_g * c2, gen, device=device, dtype=MAT))
+    per_class_n = project_psd(
+        per_class + symmetric_gaussian_noise(d, s_a * c2, gen, device=device, dtype=MAT, batch=(per_class.shape[0],))
+    )
+    return gram_n, per_class_n, sums + _gaussian(sums.shape, s_b * clip_norm, gen, device)
+
+
 def dp_least_squares(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -392,12 +407,8 @@ def dp_least_squares(
     if len(weights) != 3:
         raise UserError("dp_least_squares takes 3 release weights (G, A_l, b_l)")
     s_g, s_a, s_b = calibrate_releases(epsilon, delta, weights, conversion)
-    gen = _generator(seed, device)
-    gram_n = project_psd(gram + symmetric_gaussian_noise(d, s_g * c2, gen, device=device, dtype=MAT))
-    per_class_n = project_psd(
-        per_class + symmetric_gaussian_noise(d, s_a * c2, gen, device=device, dtype=MAT, batch=(num_classes,))
-    )
-    sums_n = sums + _gaussian(sums.shape, s_b * clip_norm, gen, device)
+    gram_n, per_class_n, sums_n = least_squares_releases(gram, per_class, sums, (s_g, s_a, s_b), clip_norm,
+                                                         _generator(seed, device), device)
     # The ridge sees the noise of A_l plus alpha times that of G (their spectra add at most).
     ridge = lam + noise_ridge(lam_noise, d, s_a * c2 + alpha * s_g * c2)
     a = per_class_n + alpha * gram_n + ridge * torch.eye(d, dtype=MAT, device=device)
