@@ -35,8 +35,8 @@ from typing import Any, Iterator
 
 from dpbench.errors import UserError
 from dpbench.workbench import params as P
-from dpbench.workbench.runner import RESULTS_ROOT_ENV, Runner, RunResult
-from dpbench.workbench.scheduling import run_in_order, topological
+from dpbench.workbench.runner import RESULTS_ROOT_ENV, Runner
+from dpbench.workbench.scheduling import run_in_order, topological, upstream_failed
 
 MAX_PX = 32
 EXAMPLES_KEY = r"^(synthetic|regime)_(n|test|public|public_val)$"
@@ -356,10 +356,7 @@ def _run_jobs(runner: Runner, specs: list[P.RunSpec], force: bool, jobs: int) ->
                 ups = [u for u in spec.requires if u in {s.notebook for s in specs}]
                 bad = [u for u in ups if u in done and not done[u].ok]
                 if bad:
-                    err = {"name": "UpstreamFailed", "message": f"upstream {', '.join(bad)} failed"}
-                    runner._say(f"{spec.notebook} [{spec.profile}]: not run, {err['message']}")
-                    done[spec.notebook] = RunResult(spec.notebook, spec.profile, "failed",
-                                                    runner.failed_dir(spec.profile, spec.notebook), 0.0, err)
+                    done[spec.notebook] = upstream_failed(runner, spec, bad)
                     pending.remove(spec)
                 elif all(u in done for u in ups):
                     running[pool.submit(runner.run, spec, force)] = spec

@@ -64,6 +64,14 @@ def plan(runner: Runner, notebooks: list[str], profile: str, overrides=(), run_m
     return ordered
 
 
+def upstream_failed(runner: Runner, spec: RunSpec, bad: list[str]) -> RunResult:
+    """The failed result of a notebook not started because its upstreams `bad` failed (said on
+    the runner's output)."""
+    err = {"name": "UpstreamFailed", "message": f"upstream {', '.join(bad)} failed"}
+    runner._say(f"{spec.notebook} [{spec.profile}]: not run, {err['message']}")
+    return RunResult(spec.notebook, spec.profile, "failed", runner.failed_dir(spec.profile, spec.notebook), 0.0, err)
+
+
 def run_in_order(runner: Runner, specs: list[RunSpec], force: bool = False, forced: Iterable[str] = ()) -> list[RunResult]:
     """Run specs in order; a notebook whose upstream failed is not started (failed
     with the reason). `force` reruns everything, `forced` only the named notebooks."""
@@ -75,9 +83,7 @@ def run_in_order(runner: Runner, specs: list[RunSpec], force: bool = False, forc
         bar.set_postfix_str(spec.notebook)
         bad = [up for up in spec.requires if up in failed]
         if bad:
-            err = {"name": "UpstreamFailed", "message": f"upstream {', '.join(bad)} failed"}
-            runner._say(f"{spec.notebook} [{spec.profile}]: not run, {err['message']}")
-            results.append(RunResult(spec.notebook, spec.profile, "failed", runner.failed_dir(spec.profile, spec.notebook), 0.0, err))
+            results.append(upstream_failed(runner, spec, bad))
             failed.add(spec.notebook)
             continue
         res = runner.run(spec, force=force or spec.notebook in forced)
@@ -219,10 +225,7 @@ def run_parallel(runner: Runner, specs: list[RunSpec], jobs: int, force: bool = 
                     ups = [u for u in spec.requires if u in names]
                     bad = [u for u in ups if u in done and not done[u].ok]
                     if bad:
-                        err = {"name": "UpstreamFailed", "message": f"upstream {', '.join(bad)} failed"}
-                        self_say(f"{spec.notebook} [{spec.profile}]: not run, {err['message']}")
-                        done[spec.notebook] = RunResult(spec.notebook, spec.profile, "failed",
-                                                        runner.failed_dir(spec.profile, spec.notebook), 0.0, err)
+                        done[spec.notebook] = upstream_failed(runner, spec, bad)
                         pending.remove(spec)
                         started = True
                         continue
