@@ -137,10 +137,12 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 CANCELLATION = 1e3
 
 
-def _stable_ghost(prod: torch.Tensor, dims, exact) -> torch.Tensor:
-    """sum of `prod` over `dims`; samples where it cancels get `exact(idx)` instead."""
+def _stable_ghost(prod: torch.Tensor, dims, exact, minus: torch.Tensor | None = None) -> torch.Tensor:
+    """sum of `prod` over `dims` (less `minus`, per sample); samples where it cancels get `exact(idx)` instead."""
     sq = prod.sum(dims)
     mag = prod.abs().sum(dims)
+    if minus is not None:
+        sq, mag = sq - minus, mag + minus.abs()
     bad = mag > CANCELLATION * sq.abs()
     if not prod.is_meta and bool(bad.any()):  # meta tensors (device tests) hold no values to check
         idx = bad.nonzero().squeeze(1)

@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .rules import (CANCELLATION, Conv2dRule, GroupNormRule, LayerNormRule, LinearRule, _cast, _chunks,
-                    _per_sample_sq, _work_dtype, register_rule)
+from .rules import (Conv2dRule, GroupNormRule, LayerNormRule, LinearRule, _cast, _chunks, _per_sample_sq,
+                    _stable_ghost, _work_dtype, register_rule)
 
 _T = "timm.layers."
 
@@ -108,14 +108,10 @@ class StdConv2dRule(Conv2dRule):
             one_g = torch.einsum("bnt,bntp->bnp", A.sum(-1), Gs)  # (1.g_o) / sigma_o
             wh_g = (Gs * torch.matmul(A, w_hat.transpose(-1, -2))).sum(2)  # (w_hat_o.g_o) / sigma_o
             terms = one_g.pow(2).sum((1, 2)) / n + (proj * wh_g.pow(2)).sum((1, 2))
-            sq = prod.sum((1, 2, 3)) - terms
-            mag = prod.abs().sum((1, 2, 3)) + terms.abs()
-            bad = mag > CANCELLATION * sq.abs()
-            if not sq.is_meta and bool(bad.any()):  # cancelling terms: instantiate those samples
-                idx = bad.nonzero().squeeze(1)
-                ex = self.per_sample(module, [a[rows][idx] for a in acts], [g[rows][idx] for g in grads], ["weight"])
-                sq = sq.index_copy(0, idx, _per_sample_sq(ex["weight"]).to(sq.dtype))
-            parts.append(sq)
+            # cancelling terms: those samples are instantiated
+            parts.append(_stable_ghost(prod, (1, 2, 3), lambda idx, rows=rows: _per_sample_sq(self.per_sample(
+                module, [a[rows][idx] for a in acts], [g[rows][idx] for g in grads], ["weight"])["weight"]),
+                minus=terms))
         res["weight"] = parts[0] if len(parts) == 1 else torch.cat(parts)
         return res
 
