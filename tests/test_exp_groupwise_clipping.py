@@ -246,3 +246,15 @@ def test_wall_time_pairs_tag_adaptive_minus_flat_ghost(monkeypatch):
     assert not any("second backward" in row["note"] for row in tables["flat-bk"])
     rows = rec.get("wall_time_difference_s", claim_id=gw.CLAIM_WALL_TIME)
     assert len(rows) == 2 and all(r["epsilon"] == 2.0 for r in rows)
+
+
+def test_record_comparisons_labels_each_difference_with_its_own_seed():
+    # seed 1 lacks the "layer" run: seed 2's difference must still carry seed 2
+    runs = [{"arm": a, "seed": s, "epsilon": 2.0, "test_acc": acc}
+            for a, s, acc in (("flat", 0, 0.5), ("layer", 0, 0.4), ("flat", 1, 0.9),
+                              ("flat", 2, 0.7), ("layer", 2, 0.2))]
+    rec = ListRecorder()
+    out = gw.record_comparisons(rec, runs, {"X": ("flat", "layer")}, [0, 1, 2], "tiny")
+    got = {r["seed"]: r["value"] for r in rec.get("test_acc_difference", claim_id="X")}
+    assert got == {0: pytest.approx(0.1), 2: pytest.approx(0.5)}
+    assert out[0]["seeds"] == 2 and out[0]["mean"] == pytest.approx(0.3)
