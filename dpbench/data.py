@@ -65,6 +65,8 @@ class DatasetSpec:
     # One line saying how to provide the files when they are missing.
     how_to_provide: str = ""
     description: str = ""
+    # The torchvision.datasets class that downloads it ("" when torchvision does not).
+    torchvision: str = ""
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -77,6 +79,7 @@ def register_dataset(
     required_files: Callable[..., list[Path]] | None = None,
     how_to_provide: str = "",
     description: str = "",
+    torchvision: str = "",
 ):
     """Decorator registering `loader(split, data_root, download, **kw) -> ImageDataset`."""
 
@@ -84,7 +87,7 @@ def register_dataset(
         if name in DATASETS:
             raise ValueError(f"data set {name!r} is already registered")
         DATASETS[name] = DatasetSpec(
-            name, loader, tuple(splits), required_files, how_to_provide, description
+            name, loader, tuple(splits), required_files, how_to_provide, description, torchvision
         )
         return loader
 
@@ -596,6 +599,7 @@ def _tv_spec(name, cls_name, mean, std, files, layout, num_classes, splits=("tra
         required_files=required,
         how_to_provide=_TV_PROVIDE.format(layout=layout),
         description=f"torchvision {cls_name}",
+        torchvision=cls_name,
     )
     def loader(split, data_root=None, download=None):
         import torchvision

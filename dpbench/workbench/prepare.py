@@ -36,9 +36,6 @@ from dpbench.workbench import params as P
 from dpbench.workbench.provenance import sha256_file
 
 LEDGER = ".dpbench-prepared.json"  # in data_root: what prepare fetched, with checksums and sizes
-# torchvision data set name -> class name (the sets dpbench.data registers from torchvision)
-TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100",
-               "svhn": "SVHN"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm loads from the hub, in its order
 
 
@@ -176,12 +173,21 @@ def dataset_files(item: Item) -> list[Path]:
     return list(dict.fromkeys(p for s in splits for p in spec.required_files(item.root, s, **kw)))
 
 
+def torchvision_class(name: str) -> str:
+    """The torchvision.datasets class that downloads data set `name` (as dpbench.data registers
+    it), "" for image folders, bundled and synthetic sets."""
+    from dpbench import data
+
+    spec = data.DATASETS.get(name.split(":", 1)[0])
+    return spec.torchvision if spec else ""
+
+
 def dataset_checksums(name: str) -> dict[str, str]:
     """md5 of each file of torchvision data set `name`, relative to its torchvision root, from
     torchvision's own tables (empty when torchvision keeps none for the extracted files)."""
     import torchvision.datasets as tvd
 
-    cls = getattr(tvd, TORCHVISION[name])
+    cls = getattr(tvd, torchvision_class(name))
     if name in ("cifar10", "cifar100"):
         files = cls.train_list + cls.test_list + [[cls.meta["filename"], cls.meta["md5"]]]
         return {f"{cls.base_folder}/{f}": md5 for f, md5 in files}
@@ -195,9 +201,9 @@ def dataset_source(name: str) -> str:
     import torchvision.datasets as tvd
 
     base = name.split(":", 1)[0]
-    if base not in TORCHVISION:
+    if not torchvision_class(base):
         return ""
-    cls = getattr(tvd, TORCHVISION[base])
+    cls = getattr(tvd, torchvision_class(base))
     if base == "svhn":
         return " ".join(u for s, (u, _, _) in cls.split_list.items() if s in ("train", "test"))
     if hasattr(cls, "mirrors"):
@@ -224,7 +230,7 @@ def verify_dataset(item: Item, root: Path | None = None) -> list[str]:
     staged = Item(item.kind, item.name, root=root)
     problems = [f"missing {p}" for p in dataset_files(staged) if not p.exists()]
     base = item.name.split(":", 1)[0]
-    if base in TORCHVISION and not problems:
+    if torchvision_class(base) and not problems:
         for rel, md5 in dataset_checksums(base).items():
             path = root / rel
             if path.exists() and _md5(path) != md5:
@@ -299,7 +305,7 @@ def fetch(item: Item, dest: Path) -> None:
     import torchvision.datasets as tvd
 
     base = item.name.split(":", 1)[0]
-    cls = getattr(tvd, TORCHVISION[base])
+    cls = getattr(tvd, torchvision_class(base))
     for split in ("train", "test"):
         if base == "svhn":
             (dest / "svhn").mkdir(parents=True, exist_ok=True)
@@ -365,7 +371,7 @@ def provision(item: Item) -> Item:
             if problems:
                 item.status, item.note = "failed", "; ".join(problems[:3])
             return item
-        if item.kind == "dataset" and item.name.split(":", 1)[0] not in TORCHVISION:
+        if item.kind == "dataset" and not torchvision_class(item.name):
             item.note = "image folders are not downloaded; place them by hand"
             return item
         (_fetch_weights if item.kind == "weights" else _fetch_dataset)(item)
@@ -394,7 +400,7 @@ def how_to_provide(item: Item, profile: str = "gpu") -> str:
                 f"to {loc.cache / _repo_folder(loc.source)}")
     base = item.name.split(":", 1)[0]
     files = dataset_files(item)
-    if base not in TORCHVISION:
+    if not torchvision_class(base):
         return f"place the image folder by hand at {files[0].parent} (<root>/<split>/<class>/<image>); optional"
     return (f"from {dataset_source(item.name)}: run `dpbench prepare --profile {profile} --data-root DIR` on a machine "
             f"with network and copy DIR/{_top_folder(item.root, files).name} to {_top_folder(item.root, files)}")
