@@ -521,13 +521,17 @@ class _NormRule(LayerRule):
         """Sum an elementwise product over every axis except batch and the parameter's."""
         raise NotImplementedError
 
+    def affine_grad(self, module, a, g, names):
+        """(normalised input, or None when the weight does not train; gradient at the affine output) of one use."""
+        return (self.normalised(module, a) if "weight" in names else None), g
+
     def per_sample(self, module, acts, grads, names):
         res = {}
         dt = _work_dtype(*[a for a in acts if a is not None], *grads)
         for a, g in zip(acts, grads):
-            g = _cast(g, dt)
+            xhat, g = self.affine_grad(module, None if a is None else _cast(a, dt), _cast(g, dt), names)
             if "weight" in names:
-                w = self.reduce(module, self.normalised(module, _cast(a, dt)) * g)
+                w = self.reduce(module, xhat * g)
                 res["weight"] = res["weight"] + w if "weight" in res else w
             if "bias" in names:
                 b = self.reduce(module, g)

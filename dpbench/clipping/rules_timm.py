@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .rules import (Conv2dRule, GroupNormRule, LayerNormRule, LinearRule, _cast, _chunks, _per_sample_sq,
+from .rules import (Conv2dRule, GroupNormRule, LayerNormRule, LinearRule, _chunks, _per_sample_sq,
                     _stable_ghost, _work_dtype, register_rule)
 
 _T = "timm.layers."
@@ -129,26 +129,18 @@ class GroupNormActRule(GroupNormRule):
     def capture(self, module, inputs, output, names):
         return inputs[0]  # the bias's gradient also needs x: the activation's derivative depends on it
 
-    def per_sample(self, module, acts, grads, names):
-        res = {}
-        dt = _work_dtype(*acts, *grads)
-        shape = (1, -1) + (1,) * (acts[0].dim() - 2)
-        for a, g in zip(acts, grads):
-            xhat = self.normalised(module, _cast(a, dt))
-            z = xhat
-            if module.weight is not None:
-                z = z * module.weight.detach().to(dt).view(shape) + module.bias.detach().to(dt).view(shape)
-            with torch.enable_grad():
-                z0 = z.detach().requires_grad_(True)
-                y = module.act(z0.clone())  # clone: the activation may work in place
-                gz = torch.autograd.grad(y, z0, _cast(g, dt))[0] if y.requires_grad else torch.zeros_like(z)
-            if "weight" in names:
-                w = self.reduce(module, xhat * gz)
-                res["weight"] = res["weight"] + w if "weight" in res else w
-            if "bias" in names:
-                b = self.reduce(module, gz)
-                res["bias"] = res["bias"] + b if "bias" in res else b
-        return res
+    def affine_grad(self, module, a, g, names):
+        """x_hat, and the gradient before the activation: a vector-Jacobian product at the recomputed z."""
+        xhat = self.normalised(module, a)
+        z = xhat
+        if module.weight is not None:
+            shape = (1, -1) + (1,) * (a.dim() - 2)
+            z = z * module.weight.detach().to(a.dtype).view(shape) + module.bias.detach().to(a.dtype).view(shape)
+        with torch.enable_grad():
+            z0 = z.detach().requires_grad_(True)
+            y = module.act(z0.clone())  # clone: the activation may work in place
+            gz = torch.autograd.grad(y, z0, g)[0] if y.requires_grad else torch.zeros_like(z)
+        return xhat, gz
 
 
 register_rule(_T + "norm.LayerNorm")(LayerNormRule)
