@@ -7,6 +7,8 @@ choice must still give the naive loop's clipped sum.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -109,6 +111,34 @@ def test_memory_budget_falls_back_to_rules_that_stash_less(monkeypatch):
     kept = sum(TABLE[n][rows[n]["method"]][1] for n in TABLE if n not in recomputed)
     assert recomputed and kept <= 2 * MB
     assert all("cannot be met" not in rows[n]["note"] for n in TABLE)
+
+
+def test_a_cached_second_backward_keeps_tf32_off_in_pass_1(monkeypatch):
+    """With check=False, an engine replaying a cached choice with recomputed layers must know
+    it before pass 1, which then runs inside no_tf32 (as the second backward's G must match)."""
+    monkeypatch.setattr(ClippingEngine, "_measure", _fake(TABLE))
+    _run(_model(), memory_budget=2 * MB)  # measures; the choice (with recomputed layers) is cached
+    depth, seen = [0], []
+
+    @contextlib.contextmanager
+    def counting():
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    real = ClippingEngine._backward
+
+    def spy(self, *a):
+        seen.append(depth[0])
+        return real(self, *a)
+
+    monkeypatch.setattr(engine_mod, "no_tf32", counting)
+    monkeypatch.setattr(ClippingEngine, "_backward", spy)
+    rows = _run(_model(), memory_budget=2 * MB, check=False, steps=1)
+    assert any("second backward" in r["note"] for r in rows.values())
+    assert seen == [1]
 
 
 def test_memory_budget_that_cannot_be_met_is_reported(monkeypatch):

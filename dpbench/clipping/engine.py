@@ -656,6 +656,14 @@ class ClippingEngine:
             if not any(l.uses for l in self._layers):
                 raise UserError("no forward pass was recorded: call model(x) with gradients enabled, then "
                                 "engine.backward(losses)")
+            # auto's cached choices first: they decide whether this step has a second backward
+            if self.method == "auto" and any(l.method is None and l.uses for l in self._layers):
+                self._auto_key = self._auto_signature(B)
+                cached = _AUTO_CACHE.get(self._auto_key)
+                if cached is not None:
+                    for l in self._layers:
+                        if l.name in cached and l.method is None:
+                            l.method, l.pass2, l.measured, l.dims = cached[l.name]
             # TF32 stays off in the rules (tf32.py); on a step with a second backward or the
             # self-checks, also in pass 1, so that every G they compare comes from one precision.
             exact = self._two_pass or any(l.pass2 for l in self._layers) or (self.check and not self._checked)
@@ -690,13 +698,6 @@ class ClippingEngine:
         self._check_sums = {} if checking else None
         self._check_sq = {} if checking else None
         total = losses.sum()
-        if self.method == "auto" and any(l.method is None and l.uses for l in self._layers):
-            self._auto_key = self._auto_signature(B)
-            cached = _AUTO_CACHE.get(self._auto_key)
-            if cached is not None:
-                for l in self._layers:
-                    if l.name in cached and l.method is None:
-                        l.method, l.pass2, l.measured, l.dims = cached[l.name]
         self._phase = 1
         recompute = any(l.pass2 for l in self._layers)
         if anchors:
