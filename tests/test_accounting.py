@@ -374,6 +374,25 @@ def test_calibration_counts_few_accountant_calls_from_the_warm_start():
     assert A.cache_info()["misses"] <= 12
 
 
+@pytest.mark.parametrize("eps", [0.5, 8.0, 60.0])
+def test_gaussian_release_calibration_from_the_exact_floor_matches_the_full_search(eps):
+    # the exact Gaussian mechanism's scale is a floor no accountant beats: starting there (one or
+    # two accountant calls) gives the full search's answer to within its tolerance, on the safe side
+    import dp_accounting as dpa
+
+    weights = [1.0, 1.0, 3.0]
+    shape = [math.sqrt(sum(weights) / w) for w in weights]
+    make_event = lambda s: A._compose([A.gaussian_event(s * c) for c in shape])  # noqa: E731
+    eps_of = A._accountant_epsilon("pld", make_event)
+    floor = float(dpa.get_sigma_gaussian(eps, 1e-6)) * math.sqrt(sum(c**-2 for c in shape))
+    full = A.calibrate_noise_scale(make_event, eps, 1e-6, eps_of, start=floor, factor=1.15)
+    A.clear_cache()
+    fast = A.calibrate_noise_scale(make_event, eps, 1e-6, eps_of, start=floor, factor=1.15, floor=floor)
+    assert fast == pytest.approx(full, rel=1e-3) and fast >= floor
+    assert A.event_epsilon(make_event(fast), 1e-6, "pld") <= eps
+    assert A.calibrate_gaussian_releases(eps, weights, 1e-6, "pld")[0] / shape[0] == pytest.approx(full, rel=1e-3)
+
+
 def test_calibrate_gaussian_releases_refuses_the_clt_approximation():
     with pytest.raises(UserError, match="unknown accountant"):
         A.calibrate_gaussian_releases(1.0, 3, 1e-5, "gdp_clt")

@@ -549,6 +549,7 @@ def calibrate_noise_scale(
     factor: float = 2.0,
     what: str = "calibration",
     hint: str = "raise epsilon or delta, or lower the sampling rate or steps",
+    floor: float | None = None,
 ) -> float:
     """Smallest noise scale s (to relative `tol`) such that `epsilon_of(make_event(s), delta)`
     is at most `target_epsilon`; the epsilon must decrease in s. The one calibration routine:
@@ -560,6 +561,12 @@ def calibrate_noise_scale(
     log(1 + tol) / 4, as the hand-written search before it), and returns a point whose
     epsilon it has checked to be <= target. A target that needs s > SIGMA_MAX is a
     `UserError` naming `what` and the `hint`.
+
+    `floor`, when given, is a scale below which no valid accountant reaches the target (the
+    exact Gaussian mechanism's, for unsampled Gaussian releases). When the floor, or the floor
+    one Brent tolerance step up, already meets the target, that is the answer to within the
+    tolerance and the search is skipped: one or two accountant calls instead of ~10, which at
+    large epsilon (a PLD with a wide support) take seconds each.
     """
     import dp_accounting as dpa
 
@@ -567,6 +574,11 @@ def calibrate_noise_scale(
 
     def eps_at(log_s: float) -> float:
         return epsilon_of(make_event(math.exp(log_s)), delta)
+
+    if floor is not None and SIGMA_MIN <= floor <= SIGMA_MAX:
+        for log_s in (math.log(floor), math.log(floor) + math.log1p(tol) / 4):
+            if eps_at(log_s) <= target:
+                return math.exp(log_s)
 
     step = math.log(factor)
     lo = hi = math.log(min(max(start, SIGMA_MIN), SIGMA_MAX))
@@ -707,7 +719,7 @@ def calibrate_gaussian_releases(
         start = float(dpa.get_sigma_gaussian(eps, d)) * math.sqrt(sum(c**-2 for c in shape))
         what = f"calibrate_gaussian_releases(eps={eps:g}, releases={len(weights)})"
         return calibrate_noise_scale(make_event, eps, d, _accountant_epsilon(accountant, make_event), tol=tol,
-                                     start=min(start, SIGMA_MAX), factor=1.15, what=what)
+                                     start=min(start, SIGMA_MAX), factor=1.15, what=what, floor=start)
 
     scale = _cached("gaussian_releases", make_event(1.0), accountant, eps, (d, float(tol)), compute)
     return [scale * c for c in shape]
