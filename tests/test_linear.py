@@ -70,6 +70,21 @@ def test_project_psd_in_float32_at_large_d_matches_float64():
     assert float(torch.linalg.eigvalsh(out).min()) > -1e-3
 
 
+def test_batched_eigh_on_threads_gives_the_bits_of_one_call():
+    g = torch.Generator().manual_seed(2)
+    m = torch.randn(5, 40, 40, generator=g)
+    m = m + m.transpose(-1, -2)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        evals, evecs = L._batched_eigh(m)  # split across 2 Python threads
+    finally:
+        torch.set_num_threads(old)
+    for i in range(5):
+        ref_vals, ref_vecs = torch.linalg.eigh(m[i])
+        assert torch.equal(evals[i], ref_vals) and torch.equal(evecs[i], ref_vecs)
+
+
 def test_clip_features():
     x = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
     c = L.clip_features(x, 1.0)
