@@ -355,6 +355,11 @@ def test_logistic_runs_in_one_pass_equal_each_run_alone(regime_task):
         assert torch.allclose(w, w1, atol=1e-5) and torch.allclose(b, b1, atol=1e-5)
         assert torch.allclose(w, w2, atol=1e-5)
     assert not torch.allclose(together[0][0], together[2][0])
+    # the per-step sums over blocks of rows (here 7 rows per block) are the same sums
+    blocks = fr.logistic_runs(t.private, 4, runs, delta=1e-5, chunk_rows=7)
+    assert t.private.n > 7 * 3
+    for (w, b), (w3, b3) in zip(together, blocks):
+        assert torch.allclose(w, w3, atol=1e-5) and torch.allclose(b, b3, atol=1e-5)
 
 
 def test_newton_runner_reuses_the_gram_and_matches_the_solver(regime_task):

@@ -241,7 +241,7 @@ def _sgd_sigma(epsilon: float | None, q: float, steps: int, delta: float, conver
 
 def logistic_runs(split: Split, num_classes: int, runs: Sequence[dict[str, Any]], *, delta: float,
                   conversion: str = "pld", grad_clip: float = 1.0, betas: tuple = (0.9, 0.999), adam_eps: float = 1e-8,
-                  max_columns: int = 20_000_000) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  max_columns: int = 20_000_000, chunk_rows: int = 2048) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """DP-SGD / DP-Adam of zero-initialised linear softmax heads, in closed form, for many runs.
 
     Each run is a dict with `epsilon` (None: no clipping, no noise), `seed`, `batch_fraction`
@@ -255,7 +255,8 @@ def logistic_runs(split: Split, num_classes: int, runs: Sequence[dict[str, Any]]
     Runs with the same (q, steps) -- and, when sampled, the same seed -- share their batches and
     one pass over the data per step. Batches come from a stream of the seed apart from the noise
     (each run on its own is the mechanism above; runs at other epsilons, step sizes or optimizers
-    see the same batches: common random numbers). Returns (W, b) per run."""
+    see the same batches: common random numbers). Each step's sums run over blocks of
+    `chunk_rows` batch rows (the same sums, added in another order). Returns (W, b) per run."""
     x, y = split.x, split.y
     n, d = x.shape
     yy = L.one_hot(y, num_classes, x.dtype)
@@ -272,14 +273,17 @@ def logistic_runs(split: Split, num_classes: int, runs: Sequence[dict[str, Any]]
         for lo in range(0, len(members), per_chunk):
             chunk = members[lo:lo + per_chunk]
             heads = _logistic_group(x, yy, root, [runs[i] for i in chunk], q, steps, mask_seed, delta=delta,
-                                    conversion=conversion, grad_clip=grad_clip, betas=betas, adam_eps=adam_eps)
+                                    conversion=conversion, grad_clip=grad_clip, betas=betas, adam_eps=adam_eps,
+                                    chunk_rows=int(chunk_rows))
             for i, head in zip(chunk, heads):
                 out[i] = head
     return out
 
 
-def _logistic_group(x, yy, root, runs, q, steps, mask_seed, *, delta, conversion, grad_clip, betas, adam_eps):
-    """`logistic_runs` for runs that share (q, steps) and, when q < 1, the batch stream."""
+def _logistic_group(x, yy, root, runs, q, steps, mask_seed, *, delta, conversion, grad_clip, betas, adam_eps,
+                    chunk_rows=2048):
+    """`logistic_runs` for runs that share (q, steps) and, when q < 1, the batch stream;
+    each step's sums run over blocks of `chunk_rows` batch rows."""
     n, d = x.shape
     nc, k = yy.shape[1], len(runs)
     sig = torch.tensor([_sgd_sigma(r["epsilon"], q, steps, delta, conversion) for r in runs]).view(k, 1, 1)
@@ -291,19 +295,23 @@ def _logistic_group(x, yy, root, runs, q, steps, mask_seed, *, delta, conversion
     w = torch.zeros(k, nc, d + 1)  # [W, b] per run
     m, v = torch.zeros_like(w), torch.zeros_like(w)
     for t in range(1, int(steps) + 1):
-        if batches is not None:
-            idx = torch.nonzero(torch.rand(n, generator=batches) < q).reshape(-1)
-            xb, yb, rb = x[idx], yy[idx], root[idx]
-        else:
-            xb, yb, rb = x, yy, root
-        logits = torch.addmm(w[:, :, d].reshape(1, k * nc), xb, w[:, :, :d].reshape(k * nc, d).T).view(-1, k, nc)
-        # softmax by hand: torch.softmax over a last dimension of 10 is ~10x slower on CPU here
-        p = (logits - logits.amax(dim=2, keepdim=True)).exp_()
-        resid = p.div_(p.sum(dim=2, keepdim=True)).sub_(yb.unsqueeze(1))  # (B, k, L)
-        norms = resid.norm(dim=2) * rb.unsqueeze(1)  # head_gradient_norms per run
-        factor = torch.where(private, torch.clamp(grad_clip / norms.clamp_min(1e-30), max=1.0), torch.ones_like(norms))
-        resid = resid.mul_(factor.unsqueeze(2))
-        g = torch.cat([(resid.reshape(len(xb), k * nc).T @ xb).view(k, nc, d), resid.sum(0).unsqueeze(2)], dim=2)
+        idx = torch.nonzero(torch.rand(n, generator=batches) < q).reshape(-1) if batches is not None else None
+        g = torch.zeros(k, nc, d + 1)
+        # Blocks of rows: the gathered batch rows are used by both products while still in
+        # cache (gathering a 20,000-row batch whole is most of a step on this machine's memory bus)
+        for lo in range(0, n if idx is None else len(idx), chunk_rows):
+            rows = slice(lo, lo + chunk_rows) if idx is None else idx[lo:lo + chunk_rows]
+            xb, yb, rb = x[rows], yy[rows], root[rows]
+            logits = torch.addmm(w[:, :, d].reshape(1, k * nc), xb, w[:, :, :d].reshape(k * nc, d).T).view(-1, k, nc)
+            # softmax by hand: torch.softmax over a last dimension of 10 is ~10x slower on CPU here
+            p = (logits - logits.amax(dim=2, keepdim=True)).exp_()
+            resid = p.div_(p.sum(dim=2, keepdim=True)).sub_(yb.unsqueeze(1))  # (B, k, L)
+            norms = resid.norm(dim=2) * rb.unsqueeze(1)  # head_gradient_norms per run
+            factor = torch.where(private, torch.clamp(grad_clip / norms.clamp_min(1e-30), max=1.0),
+                                 torch.ones_like(norms))
+            resid = resid.mul_(factor.unsqueeze(2))
+            g[:, :, :d] += (resid.reshape(len(xb), k * nc).T @ xb).view(k, nc, d)
+            g[:, :, d] += resid.sum(0)
         noise = torch.stack([torch.randn((nc, d + 1), generator=gen) for gen in gens])
         g = (g + noise * sig * grad_clip) / (q * n)  # sigma = 0 without DP; divided by the expected batch, as DPOptimizer
         m = torch.where(adam, betas[0] * m + (1 - betas[0]) * g, m)
