@@ -70,6 +70,21 @@ def test_project_psd_in_float32_at_large_d_matches_float64():
     assert float(torch.linalg.eigvalsh(out).min()) > -1e-3
 
 
+def test_clip_features_remembers_a_clipped_tensor_until_it_changes():
+    x = torch.tensor([[0.6, 0.8], [0.3, 0.4]])
+    assert L.clip_features(x, 1.0) is x  # inside: checked once, remembered
+    x[1, 0] = 3.0  # an in-place write bumps the version counter: checked again, and clipped
+    out = L.clip_features(x, 1.0)
+    assert out is not x and float(out.norm(dim=1).max()) <= 1.0 + 1e-6
+    v = x[0:1]
+    assert L.clip_features(v, 1.0) is v
+    x[0, 0] = 5.0  # a write through the base tensor also changes the view's version
+    assert float(L.clip_features(v, 1.0).norm(dim=1).max()) <= 1.0 + 1e-6
+    y = torch.tensor([[0.6, 0.8]])
+    assert L.clip_features(y, 1.0) is y
+    assert float(L.clip_features(y, 0.5).norm(dim=1).max()) <= 0.5 + 1e-6  # a smaller norm is checked anew
+
+
 def test_batched_eigh_on_threads_gives_the_bits_of_one_call():
     g = torch.Generator().manual_seed(2)
     m = torch.randn(5, 40, 40, generator=g)
