@@ -152,3 +152,61 @@ def test_long_thin_per_sample_products_match_the_naive_loop():
         _matches_naive(model, x, y, 0.3)
     finally:
         eng.remove()
+
+
+@pytest.mark.parametrize("conv,size,natural", [
+    (nn.Conv2d(32, 6, 3, padding=1), (4, 4), True),  # ResNet-stage-like: many channels, small map
+    (nn.Conv2d(32, 5, 3, padding=1, bias=False), (2, 2), True),  # T = 4: clipped sum by the conv, not the GEMM
+    (nn.Conv2d(4, 6, 3, stride=2, padding=1), (7, 7), False),
+    (nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1), groups=2), (6, 7), False),
+    (nn.Conv2d(2, 3, 4, padding="same", padding_mode="reflect"), (5, 5), False),
+    (nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), (11,), False),
+])
+def test_gram_ghost_norms_equal_the_per_sample_norms(conv, size, natural, monkeypatch):
+    """Ghost norms whose A A' comes from the input's pixel Gram matrix (no unfolding), where the
+    cost model picks it and forced on strides, dilation, groups, padding modes and Conv1d."""
+    from dpbench.clipping.rules import _ConvRule
+
+    torch.manual_seed(0)
+    conv = conv.double()
+    x = torch.randn(5, conv.in_channels, *size, dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+    rule = type(ClippingEngine(nn.Sequential(conv), check=False)._layers[0].rule)()
+    assert bool(rule._gram_bytes(conv, [x], [g])) == natural
+    if not natural:
+        monkeypatch.setattr(_ConvRule, "_gram_bytes", lambda self, m, a, gr: 1 << 20)
+    names = [n for n in ("weight", "bias") if getattr(conv, n) is not None]
+    ps = rule.per_sample(conv, [x], [g], names)
+    ghost = rule.ghost_sq_norms(conv, [x], [g], names)
+    for n in names:
+        ref = ps[n].flatten(1).pow(2).sum(1)
+        assert torch.allclose(ghost[n], ref, rtol=1e-10, atol=0), n
+    c = torch.rand(5, dtype=torch.float64)
+    ref = torch.einsum("b,b...->...", c, ps["weight"])
+    assert torch.allclose(rule.weight_sum(conv, [x], [g], c), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["ghost", "bk", "mixed"])
+def test_gram_ghost_norms_in_the_engine_match_the_naive_loop(method):
+    """A ResNet-like stack whose 4x4 and 2x2 convs take Gram-matrix ghost norms, over two steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 8, 3, padding=1), nn.Flatten(), nn.Linear(32, 3)).double()
+    eng = ClippingEngine(model, max_grad_norm=0.3, method=method)
+    used = {}
+    for l in eng._layers:
+        real = l.rule._gram_aa if hasattr(l.rule, "_gram_aa") else None
+        if real is not None:
+            l.rule._gram_aa = lambda *a, _real=real, _name=l.name, **k: (used.__setitem__(_name, True), _real(*a, **k))[1]
+    try:
+        for step in range(2):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+            for p in model.parameters():
+                p.grad = None
+            eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+            _matches_naive(model, x, y, 0.3)
+    finally:
+        eng.remove()
+    assert set(used) == {"2", "6"}  # the stride-1 convs on 4x4 and 2x2 maps

@@ -258,6 +258,10 @@ class MatmulRule(LayerRule):
         self._dims_cache = (key, dims)
         return dims
 
+    def _gram_bytes(self, module, acts, grads) -> int:
+        """Bytes per sample of `_gram_aa`'s temporaries where it is cheaper than A A' by unfolding; 0: unfold."""
+        return 0
+
     def _bias(self, module, grads):
         dt = _work_dtype(*grads)
         out = self.bias_ps(module, _cast(grads[0], dt))
@@ -294,8 +298,16 @@ class MatmulRule(LayerRule):
         if "weight" in names:
             B = grads[0].shape[0]
             parts = []
-            chunks = _chunks(B, self._sample_bytes(module, acts, grads, ghost=True))
+            gram = self._gram_bytes(module, acts, grads)
+            chunks = _chunks(B, gram or self._sample_bytes(module, acts, grads, ghost=True))
             for rows in chunks:
+                if gram:  # A A' from the input's pixel Gram matrix: no unfolded copy of the input
+                    aa, G = self._gram_aa(module, acts, grads, rows)
+                    gg = torch.matmul(G, G.transpose(-1, -2))
+                    parts.append(_stable_ghost(aa.mul_(gg), (1, 2, 3), lambda i, rows=rows: _per_sample_sq(
+                        self.per_sample(module, [a[rows][i] for a in acts], [g[rows][i] for g in grads],
+                                        ["weight"])["weight"])))
+                    continue
                 A, G = self._cat(module, acts, grads, rows)
                 if len(chunks) == 1 and self._reuses_matrices(module, A.shape[2]):
                     self._kept = ([*acts, *grads], (A, G))
@@ -378,7 +390,9 @@ class _ConvRule(MatmulRule):
 
     For ghost norms A is the unfolded (im2col) input, D = c_in/groups * prod(kernel), T =
     output positions, computed in the backward hook from the stored input (the forward keeps
-    no extra copy), a chunk of samples at a time. Per-sample gradients are one batched matmul
+    no extra copy), a chunk of samples at a time. Where it is cheaper (stride 1, many channels,
+    small maps), A A' comes from the padded input's pixel Gram matrix instead, without
+    unfolding (`_gram_aa`). Per-sample gradients are one batched matmul
     G' A per chunk (the grouped weight-gradient convolution with the batch folded into the
     groups was up to 76x slower on CPU); clipped sums use the framework's own
     weight-gradient convolution, fed with c_i-scaled output gradients.
@@ -422,10 +436,72 @@ class _ConvRule(MatmulRule):
     def _reuses_matrices(self, module, T):
         return T <= self.GEMM_MAX_T
 
+    def _geometry(self, module, act):
+        """(kernel, stride, dilation, padded (H, W), output (H, W)) of a 2-D view of the conv on `act`."""
+        k, s, d = module.kernel_size, module.stride, module.dilation
+        pads = module._reversed_padding_repeated_twice
+        size = act.shape[2:]
+        if self.nd == 1:
+            k, s, d = (1, k[0]), (1, s[0]), (1, d[0])
+            Hp, Wp = 1, size[0] + pads[0] + pads[1]
+        else:
+            Hp, Wp = size[0] + pads[2] + pads[3], size[1] + pads[0] + pads[1]
+        Ho = (Hp - d[0] * (k[0] - 1) - 1) // s[0] + 1
+        Wo = (Wp - d[1] * (k[1] - 1) - 1) // s[1] + 1
+        return k, s, d, (Hp, Wp), (Ho, Wo)
+
+    #: cost of copying (or strided adding) one float, in multiply-adds (CPU, ~1 ns at ~40 GFLOP/s)
+    COPY_COST = 16
+
+    def _gram_bytes(self, module, acts, grads):
+        # One use only (several would need cross-use blocks). Per sample and group, unfolding
+        # costs T^2 D multiply-adds for A A' plus a copy of A (T D); the pixel Gram matrix
+        # (Hp Wp)^2 C/n plus k0 k1 strided adds of T x T blocks. The Gram matrix wins at
+        # stride 1 on inputs larger than about 2x2 with a few dozen channels (a ResNet's
+        # 8x8 to 2x2 stages: 2-4x faster norms there); unfolding at stride 2 and on large maps.
+        if len(acts) != 1 or acts[0] is None or type(self)._padded is not _ConvRule._padded:
+            return 0  # (a subclass that pads its own way, StdConv2dSame: its padded size is not known here)
+        k, s, d, (Hp, Wp), (Ho, Wo) = self._geometry(module, acts[0])
+        T, HW = Ho * Wo, Hp * Wp
+        if T <= 1:
+            return 0
+        Cg = acts[0].shape[1] // module.groups
+        D = Cg * k[0] * k[1]
+        gram = HW * HW * Cg + self.COPY_COST * k[0] * k[1] * T * T
+        unfold = T * T * D + self.COPY_COST * T * D
+        if gram >= unfold:
+            return 0
+        n, p = module.groups, grads[0].shape[1] // module.groups
+        return 4 * n * (HW * HW + 2 * T * T + T * p)
+
+    def _gram_aa(self, module, acts, grads, rows):
+        """(A A' (b, n, T, T), G (b, n, T, p)) for the samples `rows`, A A' without unfolding A.
+
+        (A A')_ts = sum_k <x_{t+k}, x_{s+k}> over kernel offsets k, where x_u is the padded
+        input's pixel vector: the pixel Gram matrix X' X, summed over k shifted blocks.
+        """
+        a, g = acts[0][rows], grads[0][rows]
+        dt = _work_dtype(a, g)
+        x = self._padded(module, _cast(a, dt))
+        k, s, d, (Hp, Wp), (Ho, Wo) = self._geometry(module, acts[0])
+        b, n = x.shape[0], module.groups
+        xf = x.reshape(b, n, x.shape[1] // n, Hp * Wp)
+        P = torch.matmul(xf.transpose(-1, -2), xf).view(b, n, Hp, Wp, Hp, Wp)
+        aa = None
+        for i in range(k[0]):
+            hs = slice(i * d[0], i * d[0] + s[0] * (Ho - 1) + 1, s[0])
+            for j in range(k[1]):
+                ws = slice(j * d[1], j * d[1] + s[1] * (Wo - 1) + 1, s[1])
+                blk = P[:, :, hs, ws, hs, ws]
+                aa = blk.clone(memory_format=torch.contiguous_format) if aa is None else aa.add_(blk)
+        T = Ho * Wo
+        G = _cast(g, dt).reshape(b, n, -1, T).transpose(2, 3)
+        return aa.view(b, n, T, T), G
+
     def weight_sum(self, module, acts, grads, c):
         T = sum(int(torch.Size(g.shape[2:]).numel()) for g in grads)
-        if T <= self.GEMM_MAX_T:
-            return super().weight_sum(module, acts, grads, c)
+        if T <= self.GEMM_MAX_T and not self._gram_bytes(module, acts, grads):
+            return super().weight_sum(module, acts, grads, c)  # on the unfolded input the norms kept
         # The framework's own weight-gradient convolution, fed with c_i-scaled output grads.
         out = None
         zeros = [0] * self.nd
