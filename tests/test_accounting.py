@@ -393,6 +393,15 @@ def test_gaussian_release_calibration_from_the_exact_floor_matches_the_full_sear
     assert A.calibrate_gaussian_releases(eps, weights, 1e-6, "pld")[0] / shape[0] == pytest.approx(full, rel=1e-3)
 
 
+@pytest.mark.parametrize("eps", [2.0, 400.0])
+def test_pld_of_gaussian_releases_on_a_grid_relative_to_epsilon_stays_a_tight_upper_bound(eps):
+    # at large epsilon the PLD grid is PLD_RELATIVE_INTERVAL * epsilon: still pessimistic, still tight
+    s = 2.0 * A.calibrate_common_noise(eps, 1, 1e-6, "pld")
+    exact = A.gaussian_mechanism_epsilon(s / 2, 1e-6)  # four releases at s compose to one at s / 2
+    got = A.gaussian_composition_epsilon([s] * 4, 1e-6, "pld")
+    assert exact * (1 - 1e-9) <= got <= exact * (1 + 1e-4)
+
+
 def test_calibrate_gaussian_releases_refuses_the_clt_approximation():
     with pytest.raises(UserError, match="unknown accountant"):
         A.calibrate_gaussian_releases(1.0, 3, 1e-5, "gdp_clt")
