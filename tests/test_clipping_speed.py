@@ -198,7 +198,8 @@ def test_gram_ghost_norms_in_the_engine_match_the_naive_loop(method):
     for l in eng._layers:
         real = l.rule._gram_aa if hasattr(l.rule, "_gram_aa") else None
         if real is not None:
-            l.rule._gram_aa = lambda *a, _real=real, _name=l.name, **k: (used.__setitem__(_name, True), _real(*a, **k))[1]
+            l.rule._gram_aa = lambda *a, _real=real, _name=l.name, **k: (used.__setitem__(_name, True),
+                                                                        _real(*a, **k))[1]
     try:
         for step in range(2):
             g = torch.Generator().manual_seed(step)
