@@ -211,3 +211,28 @@ def test_gram_ghost_norms_in_the_engine_match_the_naive_loop(method):
     finally:
         eng.remove()
     assert set(used) == {"2", "6"}  # the stride-1 convs on 4x4 and 2x2 maps
+
+
+def test_norm_rules_multiply_only_their_own_temporaries_in_place():
+    """_NormRule.per_sample multiplies x_hat by G in place only when x_hat is its own buffer: a
+    rule whose `normalised` returns its input (or a view of it) leaves A and G untouched."""
+    from dpbench.clipping.rules import GroupNormRule
+
+    class Passthrough(GroupNormRule):
+        def normalised(self, module, x):
+            return x
+
+    class Viewing(GroupNormRule):
+        def normalised(self, module, x):
+            return x.view(x.shape)
+
+    torch.manual_seed(0)
+    gn = nn.GroupNorm(2, 4)
+    x, g = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    for rule in (Passthrough(), Viewing()):
+        a0, g0 = x.clone(), g.clone()
+        ps = rule.per_sample(gn, [x], [g], ["weight", "bias"])
+        assert torch.equal(x, a0) and torch.equal(g, g0)
+        assert torch.allclose(ps["weight"], (a0 * g0).sum(2))
+    ps = GroupNormRule().per_sample(gn, [x], [g], ["weight"])  # the usual rule: its x_hat is a fresh buffer
+    assert torch.allclose(ps["weight"], (F.group_norm(x, 2) * g).sum(2), atol=1e-6)

@@ -610,9 +610,14 @@ class _NormRule(LayerRule):
         res = {}
         dt = _work_dtype(*[a for a in acts if a is not None], *grads)
         for a, g in zip(acts, grads):
-            xhat, g = self.affine_grad(module, None if a is None else _cast(a, dt), _cast(g, dt), names)
+            a = None if a is None else _cast(a, dt)
+            xhat, g = self.affine_grad(module, a, _cast(g, dt), names)
             if "weight" in names:
-                w = self.reduce(module, xhat * g)
+                # x_hat is this call's own temporary (not a view of A): multiplied in place, one
+                # activation-sized buffer less (and its page faults on the CPU)
+                own = not xhat._is_view() and xhat.untyped_storage().data_ptr() not in (
+                    a.untyped_storage().data_ptr(), g.untyped_storage().data_ptr())
+                w = self.reduce(module, xhat.mul_(g) if own else xhat * g)
                 res["weight"] = res["weight"] + w if "weight" in res else w
             if "bias" in names:
                 b = self.reduce(module, g)
