@@ -355,6 +355,10 @@ def test_logistic_runs_in_one_pass_equal_each_run_alone(regime_task):
         assert torch.allclose(w, w1, atol=1e-5) and torch.allclose(b, b1, atol=1e-5)
         assert torch.allclose(w, w2, atol=1e-5)
     assert not torch.allclose(together[0][0], together[2][0])
+    # on two Python threads (one torch thread each): the same runs
+    threaded = fr.logistic_runs(t.private, 4, runs, delta=1e-5, workers=2)
+    for (w, b), (w4, b4) in zip(together, threaded):
+        assert torch.allclose(w, w4, atol=1e-5) and torch.allclose(b, b4, atol=1e-5)
     # the per-step sums over blocks of rows (here 7 rows per block) are the same sums
     blocks = fr.logistic_runs(t.private, 4, runs, delta=1e-5, chunk_rows=7)
     assert t.private.n > 7 * 3
@@ -372,6 +376,13 @@ def test_newton_runner_reuses_the_gram_and_matches_the_solver(regime_task):
     ref = L.dp_newton(t.private.x, t.private.y, 4, epsilon=3.0, delta=1e-5, steps=2, hessian_fraction=0.5, seed=2,
                       shared_first_hessian=True, **cfg)
     assert torch.allclose(w, ref.weights, rtol=1e-4, atol=1e-5)
+    runs = [dict(epsilon=e, seed=s, **cfg) for e, s in [(3.0, 2), (1.0, 3), (None, 0)]]
+    serial = fr.newton_runs(t.private, st, 4, runs, steps=2, hessian_fraction=0.5, delta=1e-5, conversion="pld")
+    threaded = fr.newton_runs(t.private, st, 4, runs, steps=2, hessian_fraction=0.5, delta=1e-5, conversion="pld",
+                              workers=2)
+    assert torch.allclose(serial[0][0], w) and not torch.allclose(serial[0][0], serial[1][0])
+    for (w1, _), (w2, _) in zip(serial, threaded):  # two threads: the same runs, up to float rounding
+        assert torch.allclose(w1, w2, rtol=1e-4, atol=1e-5)
     runner = fr.Runner(t, t.private, delta=1e-5, conversion="pld", newton_steps=2, hessian_fraction=0.5)
     acc = runner.run("newton", [(None, 0, cfg), (3.0, 2, cfg)], t.test)
     assert len(acc) == 2 and acc[0] > 0.5  # the non-private ceiling learns the task

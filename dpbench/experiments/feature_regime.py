@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -241,7 +242,7 @@ def _sgd_sigma(epsilon: float | None, q: float, steps: int, delta: float, conver
 
 def logistic_runs(split: Split, num_classes: int, runs: Sequence[dict[str, Any]], *, delta: float,
                   conversion: str = "pld", grad_clip: float = 1.0, betas: tuple = (0.9, 0.999), adam_eps: float = 1e-8,
-                  max_columns: int = 20_000_000, chunk_rows: int = 2048) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  max_columns: int = 20_000_000, chunk_rows: int = 2048, workers: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """DP-SGD / DP-Adam of zero-initialised linear softmax heads, in closed form, for many runs.
 
     Each run is a dict with `epsilon` (None: no clipping, no noise), `seed`, `batch_fraction`
@@ -268,16 +269,38 @@ def logistic_runs(split: Split, num_classes: int, runs: Sequence[dict[str, Any]]
         groups.setdefault((q, int(r["steps"]), int(r["seed"]) if q < 1 else None), []).append(i)
     out: list = [None] * len(runs)
     root = torch.sqrt(torch.linalg.vector_norm(x, dim=1) ** 2 + 1.0)  # ||[x_i, 1]||, once (head_gradient_norms)
+    parts = []
     for (q, steps, mask_seed), members in groups.items():
         per_chunk = max(1, int(max_columns // (max(1, round(q * n)) * num_classes)))
-        for lo in range(0, len(members), per_chunk):
-            chunk = members[lo:lo + per_chunk]
-            heads = _logistic_group(x, yy, root, [runs[i] for i in chunk], q, steps, mask_seed, delta=delta,
-                                    conversion=conversion, grad_clip=grad_clip, betas=betas, adam_eps=adam_eps,
-                                    chunk_rows=int(chunk_rows))
-            for i, head in zip(chunk, heads):
-                out[i] = head
+        parts += [(q, steps, mask_seed, members[lo:lo + per_chunk]) for lo in range(0, len(members), per_chunk)]
+
+    def run_part(part):
+        q, steps, mask_seed, chunk = part
+        return _logistic_group(x, yy, root, [runs[i] for i in chunk], q, steps, mask_seed, delta=delta,
+                               conversion=conversion, grad_clip=grad_clip, betas=betas, adam_eps=adam_eps,
+                               chunk_rows=int(chunk_rows))
+
+    for (_, _, _, chunk), heads in zip(parts, _map_threads(run_part, parts, workers)):
+        for i, head in zip(chunk, heads):
+            out[i] = head
     return out
+
+
+def _map_threads(fn, items: Sequence, workers: int) -> list:
+    """`[fn(item) for item in items]`, on `workers` Python threads with one torch thread each
+    when workers > 1: torch releases the GIL in its kernels, and the runs here are many small
+    products and eigendecompositions that use a second core poorly one at a time. Each item
+    draws from its own generators, so it is the same computation as the serial loop; only
+    float sums may round differently (one BLAS thread instead of several)."""
+    if workers <= 1 or len(items) < 2:
+        return [fn(item) for item in items]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _logistic_group(x, yy, root, runs, q, steps, mask_seed, *, delta, conversion, grad_clip, betas, adam_eps,
@@ -331,18 +354,19 @@ def dp_sgd_head(split: Split, num_classes: int, *, epsilon: float | None, delta:
 
 
 def newton_runs(split: Split, stats: Stats, num_classes: int, runs: Sequence[dict[str, Any]], *, steps: int,
-                hessian_fraction: float, delta: float, conversion: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                hessian_fraction: float, delta: float, conversion: str,
+                workers: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`linear.dp_newton` for each run (a dict with `epsilon`, `seed`, `lr`, `lam`, `lam_noise`),
     its first Hessian from `stats.gram` (computed once) and released once for all classes
     (`shared_first_hessian`), later Hessians on a Poisson subsample of rate `hessian_fraction`. Returns (weights, bias) per run."""
-    out = []
-    for r in runs:
+    def one(r):
         res = L.dp_newton(split.x, split.y, num_classes, epsilon=r["epsilon"], delta=delta, clip_norm=stats.clip_norm,
                           steps=steps, lr=r["lr"], lam=r["lam"], lam_noise=r["lam_noise"],
                           hessian_fraction=hessian_fraction, shared_first_hessian=True, gram=stats.gram,
                           conversion=conversion, seed=r["seed"])
-        out.append((res.weights, res.bias))
-    return out
+        return res.weights, res.bias
+
+    return _map_threads(one, list(runs), workers)
 
 
 # ----------------------------------------------------------------------------- tuning grids
@@ -407,13 +431,13 @@ class Runner:
             heads = newton_runs(self.train, self.stats, self.task.num_classes,
                                 [dict(epsilon=eps, seed=seed, **cfg) for eps, seed, cfg in jobs],
                                 steps=self.newton_steps, hessian_fraction=self.hessian_fraction, delta=self.delta,
-                                conversion=conv)
+                                conversion=conv, workers=torch.get_num_threads())
             return [accuracy(w, b, evaluate) for w, b in heads]
         if method in LOGISTIC:
             conv = "pld" if self.conversion == "classic" else self.conversion
             heads = logistic_runs(self.train, self.task.num_classes,
                                   [dict(epsilon=eps, seed=seed, optimizer=method[3:], **cfg) for eps, seed, cfg in jobs],
-                                  delta=self.delta, conversion=conv)
+                                  delta=self.delta, conversion=conv, workers=torch.get_num_threads())
             return [accuracy(w, b, evaluate) for w, b in heads]
         raise UserError(f"solver {method!r} is not run by this study; choose from {FAST + LOGISTIC}")
 
@@ -597,7 +621,8 @@ def batch_ablation(task: RegimeTask, *, epsilon: float, small_batch: int, epochs
     jobs = [(arm, b, steps, lr, budgets, s) for arm, b, steps, lr, budgets in arms for s in seeds]
     heads = logistic_runs(task.private, task.num_classes,
                           [dict(epsilon=epsilon, seed=s, batch_fraction=None if b is None else b / n, steps=steps, lr=lr)
-                           for _, b, steps, lr, _, s in jobs], delta=delta, conversion=conversion)
+                           for _, b, steps, lr, _, s in jobs], delta=delta, conversion=conversion,
+                          workers=torch.get_num_threads())
     rows = []
     for (arm, b, steps, lr, budgets, s), head in zip(jobs, heads):
         acc = accuracy(*head, task.test)
