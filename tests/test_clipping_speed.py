@@ -236,3 +236,41 @@ def test_norm_rules_multiply_only_their_own_temporaries_in_place():
         assert torch.allclose(ps["weight"], (a0 * g0).sum(2))
     ps = GroupNormRule().per_sample(gn, [x], [g], ["weight"])  # the usual rule: its x_hat is a fresh buffer
     assert torch.allclose(ps["weight"], (F.group_norm(x, 2) * g).sum(2), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,k,s", [((2, 3, 32, 32), (16, 16), (16, 16)), ((2, 4, 20, 23), (3, 8), (2, 3)),
+                                       ((2, 2, 1, 40), (1, 9), (1, 1))])
+def test_row_order_unfold_equals_f_unfold(shape, k, s):
+    from dpbench.clipping.rules import _unfold_rows
+
+    x = torch.randn(shape)
+    for t in (x, x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
+        assert torch.equal(_unfold_rows(t, k, s), F.unfold(t, k, stride=s).transpose(1, 2))
+
+
+@pytest.mark.parametrize("method", ["instantiate", "ghost", "bk"])
+def test_patch_embedding_convs_match_the_naive_loop(method, monkeypatch):
+    """Kernels with rows of >= 8 (a ViT's patch embedding, a long Conv1d, groups) unfold in row order."""
+    import dpbench.clipping.rules as rules
+
+    calls = []
+    real = rules._unfold_rows
+    monkeypatch.setattr(rules, "_unfold_rows", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 8, stride=8, groups=2), nn.Flatten(), nn.Linear(6 * 16, 3))
+    eng = ClippingEngine(model, max_grad_norm=0.3, method=method)
+    try:
+        x, y = torch.randn(5, 4, 32, 32), torch.randint(0, 3, (5,))
+        eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+        _matches_naive(model, x, y, 0.3)
+    finally:
+        eng.remove()
+    model = nn.Sequential(nn.Conv1d(3, 4, 9, stride=2, padding=2), nn.Flatten(), nn.Linear(4 * 14, 3))
+    eng = ClippingEngine(model, max_grad_norm=0.3, method=method)
+    try:
+        x, y = torch.randn(5, 3, 31), torch.randint(0, 3, (5,))
+        eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+        _matches_naive(model, x, y, 0.3)
+    finally:
+        eng.remove()
+    assert calls  # the row-order path ran
