@@ -274,3 +274,22 @@ def test_patch_embedding_convs_match_the_naive_loop(method, monkeypatch):
     finally:
         eng.remove()
     assert calls  # the row-order path ran
+
+
+@pytest.mark.parametrize("method", ["bk", "ghost"])
+def test_clipped_sums_scale_the_smaller_factor(method):
+    """Clipped sums put c_i on A where A is smaller than G (a widening Linear or conv), on G otherwise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 3, 3, stride=2), nn.Flatten(),
+                          nn.Linear(3 * 9, 40), nn.Tanh(), nn.Linear(40, 3))
+    eng = ClippingEngine(model, max_grad_norm=0.3, method=method, style="layer")
+    try:
+        x, y = torch.randn(5, 2, 8, 8, dtype=torch.float64), torch.randint(0, 3, (5,))
+        model.double()
+        eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+        ps = naive_per_sample(model, x, y)
+        groups = {n: [f"{n}.weight", f"{n}.bias"] for n in ("0", "2", "4", "6")}
+        ref, _ = naive_clipped(ps, groups, {g: eng.thresholds[g] for g in groups})
+        assert_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-9)
+    finally:
+        eng.remove()

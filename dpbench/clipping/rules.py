@@ -363,8 +363,12 @@ class LinearRule(MatmulRule):
         for a, g in zip(acts, grads):
             B = g.shape[0]
             a, g = _cast(a, dt), _cast(g, dt)
-            gc = g.reshape(B, -1, g.shape[-1]) * c.to(dt).view(B, 1, 1)
-            w = gc.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+            cv = c.to(dt).view(B, 1, 1)
+            # c_i scales whichever factor is smaller (G' (c A) = (c G)' A): one pass over D, not p, floats per token
+            if a.shape[-1] < g.shape[-1]:
+                w = g.reshape(-1, g.shape[-1]).t() @ (a.reshape(B, -1, a.shape[-1]) * cv).reshape(-1, a.shape[-1])
+            else:
+                w = (g.reshape(B, -1, g.shape[-1]) * cv).reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
             out = w if out is None else out + w
         return out
 
@@ -534,8 +538,12 @@ class _ConvRule(MatmulRule):
         wv = w.new_zeros((), dtype=dt).expand(w.shape)
         for a, g in zip(acts, grads):
             B = g.shape[0]
-            gc = _dense(_cast(g, dt) * c.to(dt).view(B, *([1] * (g.dim() - 1))))
-            x, pad = self._conv_args(module, _dense(_cast(a, dt)))
+            cv = c.to(dt).view(B, *([1] * (g.dim() - 1)))
+            if a.numel() < g.numel():  # c_i scales the smaller of input and output gradient
+                gc, xc = _dense(_cast(g, dt)), _cast(a, dt) * cv
+            else:
+                gc, xc = _dense(_cast(g, dt) * cv), _cast(a, dt)
+            x, pad = self._conv_args(module, _dense(xc))
             gw = torch.ops.aten.convolution_backward(
                 gc, x, wv, None, list(module.stride), pad,
                 list(module.dilation), False, zeros, module.groups, [False, True, False])[1]
