@@ -831,6 +831,7 @@ class ClippingEngine:
             l.method = m
 
     @no_tf32()
+    @torch.no_grad()  # rules record no autograd graph (the tail after pass 1 runs with grad mode on)
     def _process(self, l: _Layer):
         l.processed = True
         l.max_uses = max(l.max_uses, len(l.uses))
@@ -903,8 +904,8 @@ class ClippingEngine:
             else:
                 coef[n] = torch.ones(self._B, dtype=self._sq_dtype(), device=l.params[n].device)
         use_ps = ps if ps and all(n in ps for n in l.names) else None
-        sums = l.rule.weighted_sum(l.module, acts, grads, coef, l.names, per_sample=use_ps)
         with torch.no_grad():
+            sums = l.rule.weighted_sum(l.module, acts, grads, coef, l.names, per_sample=use_ps)
             for n, s in sums.items():
                 p = l.params[n]
                 s = s.reshape(p.shape).to(p.dtype)

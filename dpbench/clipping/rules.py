@@ -285,9 +285,9 @@ class MatmulRule(LayerRule):
                     # long thin products (a stem conv: T = 1024, p = 16, D = 27): the CPU GEMM
                     # was 2-6x faster for (D x T)(T x p), transposed back on the copy below
                     gw = torch.matmul(A.transpose(-1, -2), G).transpose(-1, -2)
-                else:
-                    gw = torch.matmul(G.transpose(-1, -2), A)  # (b, n, p, D)
-                flat[rows] = gw.reshape(gw.shape[0], -1)
+                    flat[rows] = gw.reshape(gw.shape[0], -1)
+                else:  # (b, n, p, D), written in place into this chunk's rows (no copy)
+                    torch.matmul(G.transpose(-1, -2), A, out=flat[rows].view(G.shape[0], G.shape[1], p, A.shape[3]))
             res["weight"] = out
         if "bias" in names:
             res["bias"] = self._bias(module, grads)
