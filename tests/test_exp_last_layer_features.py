@@ -464,3 +464,32 @@ def test_nb05_parameters_cell_parses_and_covers_every_profile_key():
     for profile in sorted((root / "params" / "05_last_layer_features").glob("*.yaml")):
         keys = set(yaml.safe_load(profile.read_text()) or {})
         assert keys <= names, (profile.name, sorted(keys - names))
+
+
+def test_batch_ablation_learning_rates_come_from_public_seeds_only(regime_task):
+    t = regime_task
+    blind = fr.RegimeTask(fr.Split(torch.full_like(t.private.x, float("nan")), t.private.y),
+                          fr.Split(torch.full_like(t.test.x, float("nan")), t.test.y), t.public, t.public_val,
+                          t.num_classes, t.clip_norm)
+    lr_full, lr_small, rows = fr.ablation_lrs(blind, 3.0, small_batch=200, epochs=4, tune_seeds=[7, 8], delta=1e-5,
+                                              lrs=[0.5, 8.0, 64.0])
+    # no private or test example was touched (they are NaN), and every arm ran every rate on every seed
+    assert len(rows) == 2 * 3 * 2 and all(math.isfinite(r["public_val_acc"]) for r in rows)
+    assert {r["public_epsilon"] for r in rows} == {fr.public_epsilon(3.0, t.n, t.public.n)}
+    for arm, lr in (("full_batch", lr_full), ("small_batch", lr_small)):
+        means = {x: np.mean([r["public_val_acc"] for r in rows if r["arm"] == arm and r["lr"] == x]) for x in (0.5, 8.0, 64.0)}
+        assert means[lr] == max(means.values())  # the best mean over seeds, not one run
+    tagged = fr.ablation_tuning_rows(rows, 3.0)
+    assert {r["study"] for r in tagged} == {"ablation_tuning"} and "claim_id" not in tagged[0]
+
+
+def test_batch_ablation_budgets(regime_task):
+    t = regime_task
+    rows = fr.batch_ablation(t, epsilon=3.0, small_batch=200, epochs=4, lr_full=8.0, lr_small=8.0, seeds=[0, 1],
+                             delta=1e-5)
+    steps = {(r["arm"], r["budget"]): r["steps"] for r in rows}
+    # fixed epochs: 4 full-batch steps against 4 * 2000 / 200 = 40 sampled steps; fixed steps: 4 each
+    assert steps == {("full_batch", "fixed epochs"): 4, ("full_batch", "fixed steps"): 4,
+                     ("small_batch", "fixed epochs"): 40, ("small_batch", "fixed steps"): 4}
+    tagged = fr.batch_ablation_rows(rows, t.n, 3.0)
+    assert {r["budget"] for r in tagged if r.get("claim_id") == "E-full-batch-helps"} == {"fixed epochs"}

@@ -631,15 +631,45 @@ def batch_ablation(task: RegimeTask, *, epsilon: float, small_batch: int, epochs
     return rows
 
 
-def ablation_lrs(tune_rows: Sequence[dict], epsilon: float) -> tuple[float, float]:
-    """DP-SGD learning rates for the batch ablation at `epsilon`, from the public-draw tuning:
-    the best full-batch configuration's and the best sampled configuration's."""
-    cand = [r for r in tune_rows if r["method"] == "dp_sgd" and r["epsilon"] == epsilon]
-    full = [r for r in cand if r.get("batch_fraction") is None]
-    small = [r for r in cand if r.get("batch_fraction") is not None]
-    if not full or not small:
-        raise UserError(f"the DP-SGD tuning at eps {epsilon:g} needs full-batch and sampled configurations")
-    return (max(full, key=lambda r: r["public_val_acc"])["lr"], max(small, key=lambda r: r["public_val_acc"])["lr"])
+def ablation_lrs(task: RegimeTask, epsilon: float, *, small_batch: int, epochs: float, tune_seeds: Sequence[int],
+                 delta: float, conversion: str = "pld",
+                 lrs: Sequence[float] | None = None) -> tuple[float, float, list[dict]]:
+    """DP-SGD learning rates for the batch ablation at our `epsilon`, chosen on the public draw
+    (at the same n·eps, `public_epsilon`; no private or test example): each arm (the full batch
+    for `epochs` steps, the sampled batch at rate small_batch / n for epochs·n / small_batch
+    steps) runs every learning rate in `lrs` (default: those of the DP-SGD tuning grid,
+    `default_grids`) once per public seed in `tune_seeds`, and takes the
+    one with the best *mean* public-validation accuracy. Both arms get the same grid and seeds.
+
+    One public run per configuration is not enough here: a large step size can be unstable (at
+    lr 64 the sampled arm's public accuracy jumped between 0.68 and 0.90 when only the order of
+    float sums changed), and a choice that a rounding difference flips cannot decide the claim.
+    Returns (lr_full, lr_small, rows of every tuning run)."""
+    n, n_pub = task.n, task.public.n
+    lrs = sorted({float(c["lr"]) for c in default_grids(n)["dp_sgd"]}) if lrs is None else [float(lr) for lr in lrs]
+    if not lrs or not tune_seeds:
+        raise UserError("the batch ablation's tuning needs at least one learning rate and one public seed")
+    pub_eps = public_epsilon(epsilon, n, n_pub)
+    arms = {"full_batch": (None, max(1, int(round(epochs)))),
+            "small_batch": (small_batch / n, max(1, int(round(epochs * n / small_batch))))}
+    jobs = [(arm, lr, s) for arm in arms for lr in lrs for s in tune_seeds]
+    heads = logistic_runs(task.public, task.num_classes,
+                          [dict(epsilon=pub_eps, seed=s, batch_fraction=arms[arm][0], steps=arms[arm][1], lr=lr)
+                           for arm, lr, s in jobs], delta=delta, conversion=conversion, workers=torch.get_num_threads())
+    rows = [dict(arm=arm, lr=lr, seed=s, public_epsilon=pub_eps, public_val_acc=accuracy(*head, task.public_val))
+            for (arm, lr, s), head in zip(jobs, heads)]
+    best = {}
+    for arm in arms:
+        means = {lr: float(np.mean([r["public_val_acc"] for r in rows if r["arm"] == arm and r["lr"] == lr]))
+                 for lr in lrs}
+        best[arm] = max(lrs, key=lambda lr: means[lr])
+    return best["full_batch"], best["small_batch"], rows
+
+
+def ablation_tuning_rows(rows: Sequence[dict], epsilon: float) -> list[dict[str, Any]]:
+    """Recorder rows (`public_val_acc`, study=ablation_tuning) of `ablation_lrs`' public runs."""
+    return [dict(metric="public_val_acc", value=r["public_val_acc"], study="ablation_tuning", method="dp_sgd",
+                 epsilon=epsilon, **{k: v for k, v in r.items() if k != "public_val_acc"}) for r in rows]
 
 
 def batch_ablation_rows(rows: Sequence[dict], n: int, epsilon: float, claim_budget: str = "fixed epochs") -> list[dict]:
