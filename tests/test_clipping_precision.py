@@ -41,20 +41,33 @@ class Net(nn.Module):
         return self.head(F.relu(x).mean(1))
 
 
+class GramNet(nn.Module):
+    """A conv on a 4x4 map with 32 channels: its ghost norm takes the pixel Gram matrix path."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(32, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.conv2(F.relu(self.conv(x))).mean((2, 3)))
+
+
 def _data(B=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, 3, 8, 8, generator=g), torch.randint(0, 4, (B,), generator=g)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_bf16_autocast_matches_fp32_naive_loop(method):
+@pytest.mark.parametrize("method,net", [(m, Net) for m in METHODS] + [(m, GramNet) for m in ("ghost", "bk")])
+def test_bf16_autocast_matches_fp32_naive_loop(method, net):
     """Within bf16 tolerance of the fp32 naive loop, and close to the same loop under autocast.
 
     bf16 tolerance: twice the error that bf16 itself puts in each parameter's summed
     per-sample gradient (a naive loop under autocast against fp32), plus 2e-2.
     """
     torch.manual_seed(0)
-    model = Net()
+    model = net()
     x, y = _data()
     ps = naive_per_sample(model, x, y)
     with torch.autocast("cpu", dtype=torch.bfloat16):
