@@ -658,10 +658,21 @@ class LayerNormRule(_NormRule):
     def _channels_last(self, module):
         return type(module).__name__ == "LayerNorm2d"
 
+    def _unit_affine(self, shape, x):
+        """(ones, zeros) of `shape` like x, cached: the CPU layer_norm kernel with an affine
+        transform is 2-3x faster than without one, and x * 1 + 0 is exact."""
+        key = (tuple(shape), x.dtype, x.device)
+        cache = self.__dict__.setdefault("_units", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = (torch.ones(shape, dtype=x.dtype, device=x.device),
+                          torch.zeros(shape, dtype=x.dtype, device=x.device))
+        return cache[key]
+
     def normalised(self, module, x):
         if self._channels_last(module):
             x = x.permute(0, 2, 3, 1)
-        y = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        y = F.layer_norm(x, module.normalized_shape, *self._unit_affine(module.normalized_shape, x), module.eps)
         return y.permute(0, 3, 1, 2) if self._channels_last(module) else y
 
     def reduce(self, module, t):
