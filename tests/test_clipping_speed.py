@@ -28,6 +28,16 @@ def _matches_naive(model, x, y, C):
     assert_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-4)
 
 
+def _step_matches_naive(model, x, y, method, clip=0.3):
+    """One engine step (flat clipping at `clip`, `method`) on (x, y): .grad against the naive loop."""
+    eng = ClippingEngine(model, max_grad_norm=clip, method=method)
+    try:
+        eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+        _matches_naive(model, x, y, clip)
+    finally:
+        eng.remove()
+
+
 @pytest.mark.parametrize("shape,k,d,s", [
     ((2, 3, 9, 11), (3, 3), (1, 1), (1, 1)),    # long rows: strided copy
     ((2, 3, 20, 21), (3, 2), (2, 1), (2, 3)),   # dilation and stride
@@ -145,13 +155,7 @@ def test_long_thin_per_sample_products_match_the_naive_loop():
     """A stem-like conv (T = 256 >= 8 max(p, D)) takes the transposed per-sample product."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 16 * 16, 3))
-    eng = ClippingEngine(model, max_grad_norm=0.3, method="instantiate")
-    try:
-        x, y = torch.randn(5, 3, 16, 16), torch.randint(0, 3, (5,))
-        eng.backward(F.cross_entropy(model(x), y, reduction="none"))
-        _matches_naive(model, x, y, 0.3)
-    finally:
-        eng.remove()
+    _step_matches_naive(model, torch.randn(5, 3, 16, 16), torch.randint(0, 3, (5,)), "instantiate")
 
 
 @pytest.mark.parametrize("conv,size,natural", [
@@ -258,21 +262,9 @@ def test_patch_embedding_convs_match_the_naive_loop(method, monkeypatch):
     monkeypatch.setattr(rules, "_unfold_rows", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 6, 8, stride=8, groups=2), nn.Flatten(), nn.Linear(6 * 16, 3))
-    eng = ClippingEngine(model, max_grad_norm=0.3, method=method)
-    try:
-        x, y = torch.randn(5, 4, 32, 32), torch.randint(0, 3, (5,))
-        eng.backward(F.cross_entropy(model(x), y, reduction="none"))
-        _matches_naive(model, x, y, 0.3)
-    finally:
-        eng.remove()
+    _step_matches_naive(model, torch.randn(5, 4, 32, 32), torch.randint(0, 3, (5,)), method)
     model = nn.Sequential(nn.Conv1d(3, 4, 9, stride=2, padding=2), nn.Flatten(), nn.Linear(4 * 14, 3))
-    eng = ClippingEngine(model, max_grad_norm=0.3, method=method)
-    try:
-        x, y = torch.randn(5, 3, 31), torch.randint(0, 3, (5,))
-        eng.backward(F.cross_entropy(model(x), y, reduction="none"))
-        _matches_naive(model, x, y, 0.3)
-    finally:
-        eng.remove()
+    _step_matches_naive(model, torch.randn(5, 3, 31), torch.randint(0, 3, (5,)), method)
     assert calls  # the row-order path ran
 
 
