@@ -275,6 +275,12 @@ def pld_interval(total_compositions: int) -> float:
     return min(PLD_MAX_INTERVAL, max(PLD_MIN_INTERVAL, PLD_AUTO_CONSTANT / math.sqrt(t)))
 
 
+def _gaussian_pld_interval(count: int, epsilon: float) -> float:
+    """PLD grid for `count` unsampled Gaussian releases at about `epsilon`: the automatic
+    interval, or PLD_RELATIVE_INTERVAL * epsilon where that is coarser."""
+    return max(pld_interval(count), PLD_RELATIVE_INTERVAL * float(epsilon))
+
+
 def _new_accountant(accountant: str, pld_discretization: float | None):
     """A fresh dp-accounting accountant: RDP over RDP_ORDERS, or PLD at this interval."""
     import dp_accounting as dpa
@@ -484,7 +490,7 @@ def gaussian_composition_epsilon(noise_multipliers: Sequence[float], delta: floa
     sigmas = [_check_sigma(s) for s in noise_multipliers]
     if accountant == "pld" and pld_discretization is None and sigmas and min(sigmas) > 0:
         exact = gaussian_mechanism_epsilon(sum(s**-2 for s in sigmas) ** -0.5, delta)  # they compose to one Gaussian
-        pld_discretization = max(pld_interval(len(sigmas)), PLD_RELATIVE_INTERVAL * exact)
+        pld_discretization = _gaussian_pld_interval(len(sigmas), exact)
     return sampled_composition_epsilon([(s, 1.0, 1) for s in sigmas], delta, accountant, pld_discretization)
 
 
@@ -726,7 +732,7 @@ def calibrate_gaussian_releases(
 
         start = float(dpa.get_sigma_gaussian(eps, d)) * math.sqrt(sum(c**-2 for c in shape))
         what = f"calibrate_gaussian_releases(eps={eps:g}, releases={len(weights)})"
-        grid = max(pld_interval(len(weights)), PLD_RELATIVE_INTERVAL * eps) if accountant == "pld" else None
+        grid = _gaussian_pld_interval(len(weights), eps) if accountant == "pld" else None
         return calibrate_noise_scale(make_event, eps, d, _accountant_epsilon(accountant, make_event, grid), tol=tol,
                                      start=min(start, SIGMA_MAX), factor=1.15, what=what, floor=start)
 
