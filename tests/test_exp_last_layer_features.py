@@ -348,7 +348,7 @@ def test_logistic_runs_in_one_pass_equal_each_run_alone(regime_task):
             for e, s, q, st, lr, o in [(1.0, 0, 0.2, 6, 4.0, "sgd"), (None, 0, 0.2, 6, 0.1, "adam"),
                                        (8.0, 1, 0.2, 6, 4.0, "sgd"), (1.0, 0, None, 3, 8.0, "sgd"),
                                        (2.0, 2, None, 3, 0.1, "adam")]]
-    together = fr.logistic_runs(t.private, 4, runs, delta=1e-5, max_columns=10**9)
+    together = fr.logistic_runs(t.private, 4, runs, delta=1e-5, max_columns=10**9, workers=1)
     chunked = fr.logistic_runs(t.private, 4, runs, delta=1e-5, max_columns=1)  # one run per chunk
     for r, (w, b), (w2, b2) in zip(runs, together, chunked):
         w1, b1 = fr.dp_sgd_head(t.private, 4, delta=1e-5, **{k: v for k, v in r.items()})
@@ -377,7 +377,8 @@ def test_newton_runner_reuses_the_gram_and_matches_the_solver(regime_task):
                       shared_first_hessian=True, **cfg)
     assert torch.allclose(w, ref.weights, rtol=1e-4, atol=1e-5)
     runs = [dict(epsilon=e, seed=s, **cfg) for e, s in [(3.0, 2), (1.0, 3), (None, 0)]]
-    serial = fr.newton_runs(t.private, st, 4, runs, steps=2, hessian_fraction=0.5, delta=1e-5, conversion="pld")
+    serial = fr.newton_runs(t.private, st, 4, runs, steps=2, hessian_fraction=0.5, delta=1e-5, conversion="pld",
+                            workers=1)
     threaded = fr.newton_runs(t.private, st, 4, runs, steps=2, hessian_fraction=0.5, delta=1e-5, conversion="pld",
                               workers=2)
     assert torch.allclose(serial[0][0], w) and not torch.allclose(serial[0][0], serial[1][0])

@@ -92,12 +92,26 @@ def test_batched_eigh_on_threads_gives_the_bits_of_one_call():
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        evals, evecs = L._batched_eigh(m)  # split across 2 Python threads
+        evals, evecs = L._batched_eigh(m)  # split across 2 Python threads, one torch thread each
+        assert torch.get_num_threads() == 2  # restored
+        torch.set_num_threads(1)
+        refs = [torch.linalg.eigh(m[i]) for i in range(5)]
     finally:
         torch.set_num_threads(old)
-    for i in range(5):
-        ref_vals, ref_vecs = torch.linalg.eigh(m[i])
+    for i, (ref_vals, ref_vecs) in enumerate(refs):
         assert torch.equal(evals[i], ref_vals) and torch.equal(evecs[i], ref_vecs)
+
+
+def test_thread_map_keeps_order_and_runs_serially_inside_itself():
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        inner = []
+        out = L.thread_map(lambda i: (inner.append(torch.get_num_threads()), i * i)[1], list(range(7)))
+        assert out == [i * i for i in range(7)] and set(inner) == {1}  # one torch thread per worker
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_clip_features():

@@ -28,7 +28,6 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -242,7 +241,7 @@ def _sgd_sigma(epsilon: float | None, q: float, steps: int, delta: float, conver
 
 def logistic_runs(split: Split, num_classes: int, runs: Sequence[dict[str, Any]], *, delta: float,
                   conversion: str = "pld", grad_clip: float = 1.0, betas: tuple = (0.9, 0.999), adam_eps: float = 1e-8,
-                  max_columns: int = 20_000_000, chunk_rows: int = 2048, workers: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  max_columns: int = 20_000_000, chunk_rows: int = 2048, workers: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """DP-SGD / DP-Adam of zero-initialised linear softmax heads, in closed form, for many runs.
 
     Each run is a dict with `epsilon` (None: no clipping, no noise), `seed`, `batch_fraction`
@@ -257,7 +256,8 @@ def logistic_runs(split: Split, num_classes: int, runs: Sequence[dict[str, Any]]
     one pass over the data per step. Batches come from a stream of the seed apart from the noise
     (each run on its own is the mechanism above; runs at other epsilons, step sizes or optimizers
     see the same batches: common random numbers). Each step's sums run over blocks of
-    `chunk_rows` batch rows (the same sums, added in another order). Returns (W, b) per run."""
+    `chunk_rows` batch rows (the same sums, added in another order), and the groups run on
+    `workers` threads (`linear.thread_map`; default: torch's thread count). Returns (W, b) per run."""
     x, y = split.x, split.y
     n, d = x.shape
     yy = L.one_hot(y, num_classes, x.dtype)
@@ -280,31 +280,14 @@ def logistic_runs(split: Split, num_classes: int, runs: Sequence[dict[str, Any]]
                                conversion=conversion, grad_clip=grad_clip, betas=betas, adam_eps=adam_eps,
                                chunk_rows=int(chunk_rows))
 
-    for (_, _, _, chunk), heads in zip(parts, _map_threads(run_part, parts, workers)):
+    for (_, _, _, chunk), heads in zip(parts, L.thread_map(run_part, parts, workers)):
         for i, head in zip(chunk, heads):
             out[i] = head
     return out
 
 
-def _map_threads(fn, items: Sequence, workers: int) -> list:
-    """`[fn(item) for item in items]`, on `workers` Python threads with one torch thread each
-    when workers > 1: torch releases the GIL in its kernels, and the runs here are many small
-    products and eigendecompositions that use a second core poorly one at a time. Each item
-    draws from its own generators, so it is the same computation as the serial loop; only
-    float sums may round differently (one BLAS thread instead of several)."""
-    if workers <= 1 or len(items) < 2:
-        return [fn(item) for item in items]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(fn, items))
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _logistic_group(x, yy, root, runs, q, steps, mask_seed, *, delta, conversion, grad_clip, betas, adam_eps,
-                    chunk_rows=2048):
+                    chunk_rows):
     """`logistic_runs` for runs that share (q, steps) and, when q < 1, the batch stream;
     each step's sums run over blocks of `chunk_rows` batch rows."""
     n, d = x.shape
@@ -355,10 +338,11 @@ def dp_sgd_head(split: Split, num_classes: int, *, epsilon: float | None, delta:
 
 def newton_runs(split: Split, stats: Stats, num_classes: int, runs: Sequence[dict[str, Any]], *, steps: int,
                 hessian_fraction: float, delta: float, conversion: str,
-                workers: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                workers: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`linear.dp_newton` for each run (a dict with `epsilon`, `seed`, `lr`, `lam`, `lam_noise`),
     its first Hessian from `stats.gram` (computed once) and released once for all classes
-    (`shared_first_hessian`), later Hessians on a Poisson subsample of rate `hessian_fraction`. Returns (weights, bias) per run."""
+    (`shared_first_hessian`), later Hessians on a Poisson subsample of rate `hessian_fraction`;
+    the runs go on `workers` threads (`linear.thread_map`). Returns (weights, bias) per run."""
     def one(r):
         res = L.dp_newton(split.x, split.y, num_classes, epsilon=r["epsilon"], delta=delta, clip_norm=stats.clip_norm,
                           steps=steps, lr=r["lr"], lam=r["lam"], lam_noise=r["lam_noise"],
@@ -366,7 +350,7 @@ def newton_runs(split: Split, stats: Stats, num_classes: int, runs: Sequence[dic
                           conversion=conversion, seed=r["seed"])
         return res.weights, res.bias
 
-    return _map_threads(one, list(runs), workers)
+    return L.thread_map(one, list(runs), workers)
 
 
 # ----------------------------------------------------------------------------- tuning grids
@@ -431,13 +415,13 @@ class Runner:
             heads = newton_runs(self.train, self.stats, self.task.num_classes,
                                 [dict(epsilon=eps, seed=seed, **cfg) for eps, seed, cfg in jobs],
                                 steps=self.newton_steps, hessian_fraction=self.hessian_fraction, delta=self.delta,
-                                conversion=conv, workers=torch.get_num_threads())
+                                conversion=conv)
             return [accuracy(w, b, evaluate) for w, b in heads]
         if method in LOGISTIC:
             conv = "pld" if self.conversion == "classic" else self.conversion
             heads = logistic_runs(self.train, self.task.num_classes,
                                   [dict(epsilon=eps, seed=seed, optimizer=method[3:], **cfg) for eps, seed, cfg in jobs],
-                                  delta=self.delta, conversion=conv, workers=torch.get_num_threads())
+                                  delta=self.delta, conversion=conv)
             return [accuracy(w, b, evaluate) for w, b in heads]
         raise UserError(f"solver {method!r} is not run by this study; choose from {FAST + LOGISTIC}")
 
@@ -606,6 +590,13 @@ def regime_table(results: Sequence[dict], n: int, delta: float):
 # ------------------------------------------------------------------------ full-batch ablation
 
 
+def _ablation_arms(n: int, small_batch: int, epochs: float) -> dict[str, tuple[float | None, int]]:
+    """(batch fraction, steps) of the ablation's arms at a fixed number of epochs: the full
+    batch and a Poisson batch of expected size `small_batch` (`accounting.steps_for_epochs`)."""
+    return {"full_batch": (None, accounting.steps_for_epochs(epochs, 1.0)),
+            "small_batch": (small_batch / n, accounting.steps_for_epochs(epochs, small_batch / n))}
+
+
 def batch_ablation(task: RegimeTask, *, epsilon: float, small_batch: int, epochs: float, lr_full: float, lr_small: float,
                    seeds: Sequence[int], delta: float, conversion: str = "pld", device: Any = "cpu") -> list[dict]:
     """DP-SGD full batch against a small Poisson batch at the same epsilon, at a fixed number
@@ -613,16 +604,15 @@ def batch_ablation(task: RegimeTask, *, epsilon: float, small_batch: int, epochs
     epochs·n/B) and at a fixed number of steps (both take `epochs` steps: the full batch then
     gets n/B times the compute). The full-batch run is the same in both budgets."""
     n = task.n
-    full_steps = max(1, int(round(epochs)))
-    small_steps = max(1, int(round(epochs * n / small_batch)))
+    shape = _ablation_arms(n, small_batch, epochs)
+    full_steps, small_steps = shape["full_batch"][1], shape["small_batch"][1]
     arms = [("full_batch", None, full_steps, lr_full, ("fixed epochs", "fixed steps")),
             ("small_batch", small_batch, small_steps, lr_small, ("fixed epochs",)),
             ("small_batch", small_batch, full_steps, lr_small, ("fixed steps",))]
     jobs = [(arm, b, steps, lr, budgets, s) for arm, b, steps, lr, budgets in arms for s in seeds]
     heads = logistic_runs(task.private, task.num_classes,
                           [dict(epsilon=epsilon, seed=s, batch_fraction=None if b is None else b / n, steps=steps, lr=lr)
-                           for _, b, steps, lr, _, s in jobs], delta=delta, conversion=conversion,
-                          workers=torch.get_num_threads())
+                           for _, b, steps, lr, _, s in jobs], delta=delta, conversion=conversion)
     rows = []
     for (arm, b, steps, lr, budgets, s), head in zip(jobs, heads):
         acc = accuracy(*head, task.test)
@@ -650,12 +640,11 @@ def ablation_lrs(task: RegimeTask, epsilon: float, *, small_batch: int, epochs: 
     if not lrs or not tune_seeds:
         raise UserError("the batch ablation's tuning needs at least one learning rate and one public seed")
     pub_eps = public_epsilon(epsilon, n, n_pub)
-    arms = {"full_batch": (None, max(1, int(round(epochs)))),
-            "small_batch": (small_batch / n, max(1, int(round(epochs * n / small_batch))))}
+    arms = _ablation_arms(n, small_batch, epochs)
     jobs = [(arm, lr, s) for arm in arms for lr in lrs for s in tune_seeds]
     heads = logistic_runs(task.public, task.num_classes,
                           [dict(epsilon=pub_eps, seed=s, batch_fraction=arms[arm][0], steps=arms[arm][1], lr=lr)
-                           for arm, lr, s in jobs], delta=delta, conversion=conversion, workers=torch.get_num_threads())
+                           for arm, lr, s in jobs], delta=delta, conversion=conversion)
     rows = [dict(arm=arm, lr=lr, seed=s, public_epsilon=pub_eps, public_val_acc=accuracy(*head, task.public_val))
             for (arm, lr, s), head in zip(jobs, heads)]
     best = {}

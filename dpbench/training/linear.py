@@ -125,20 +125,34 @@ def symmetric_gaussian_noise(
 PSD_FLOAT32_DIM = 128  # from this d on, the PSD projection's eigendecomposition runs in float32
 
 
-_EIGH_POOL: list = []  # one lazily created thread pool, shared by every call
+def thread_map(fn: Callable[[Any], Any], items: Sequence, workers: int | None = None) -> list:
+    """`[fn(item) for item in items]` on `workers` Python threads (default
+    `torch.get_num_threads()`) with one torch thread each. torch releases the GIL in its
+    kernels, and the work this serves -- eigendecompositions (LAPACK's barely use a second core
+    on one matrix), many small products -- uses extra cores poorly one call at a time. Each item
+    must draw from its own generators; then the result is the serial loop's, up to how float
+    sums round with one BLAS thread instead of several. Serial when workers <= 1 (also inside
+    another `thread_map`, where torch runs one thread)."""
+    workers = torch.get_num_threads() if workers is None else int(workers)
+    if workers <= 1 or len(items) < 2:
+        return [fn(item) for item in items]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _batched_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`torch.linalg.eigh` of a batch of CPU matrices, the batch split across
-    `torch.get_num_threads()` Python threads: LAPACK's eigensolver barely uses more than one
-    core on one matrix (a batch of 10 at d = 512 runs ~1.7x faster on 2 cores this way), and
-    each matrix's result is the same bits as in one batched call."""
+    """`torch.linalg.eigh` of a batch of CPU matrices, split across threads (`thread_map`; a
+    batch of 10 at d = 512 ran 217 -> 128 ms on 2 cores); each matrix's result is the bits of
+    `torch.linalg.eigh` on that matrix alone with one torch thread."""
     parts = min(torch.get_num_threads(), m.shape[0] if m.dim() == 3 else 1)
     if parts < 2 or m.device.type != "cpu":
         return torch.linalg.eigh(m)
-    if not _EIGH_POOL:
-        _EIGH_POOL.append(ThreadPoolExecutor(max_workers=max(2, torch.get_num_threads()), thread_name_prefix="eigh"))
-    out = list(_EIGH_POOL[0].map(torch.linalg.eigh, torch.tensor_split(m, parts)))
+    out = thread_map(torch.linalg.eigh, torch.tensor_split(m, parts), parts)
     return torch.cat([v for v, _ in out]), torch.cat([e for _, e in out])
 
 
