@@ -402,6 +402,17 @@ def _unfold_rows(x: torch.Tensor, k, s) -> torch.Tensor:
     return win.reshape(B, Ho * Wo, C * k[0] * k[1])
 
 
+def _shift_sum(t: torch.Tensor, axes, k: int, d: int, s: int, n: int) -> torch.Tensor:
+    """sum over j < k of t's block at offset j*d, stride s, n long on both `axes` (a new tensor)."""
+    out = None
+    for j in range(k):
+        idx = [slice(None)] * t.dim()
+        idx[axes[0]] = idx[axes[1]] = slice(j * d, j * d + s * (n - 1) + 1, s)
+        blk = t[tuple(idx)]
+        out = blk.clone(memory_format=torch.contiguous_format) if out is None else out.add_(blk)
+    return out
+
+
 class _ConvRule(MatmulRule):
     """nn.Conv1d / nn.Conv2d with stride, padding (any mode, 'same'), dilation and groups.
 
@@ -511,16 +522,7 @@ class _ConvRule(MatmulRule):
         P = torch.matmul(xf.transpose(-1, -2), xf).view(b, n, Hp, Wp, Hp, Wp)
         # The shifts are separable: the k1 width shifts first (b, n, Hp, Wo, Hp, Wo), then the
         # k0 height shifts; 2-3x faster than k0 k1 strided adds of T x T blocks.
-        R = None
-        for j in range(k[1]):
-            ws = slice(j * d[1], j * d[1] + s[1] * (Wo - 1) + 1, s[1])
-            blk = P[:, :, :, ws, :, ws]
-            R = blk.clone(memory_format=torch.contiguous_format) if R is None else R.add_(blk)
-        aa = None
-        for i in range(k[0]):
-            hs = slice(i * d[0], i * d[0] + s[0] * (Ho - 1) + 1, s[0])
-            blk = R[:, :, hs, :, hs, :]
-            aa = blk.clone(memory_format=torch.contiguous_format) if aa is None else aa.add_(blk)
+        aa = _shift_sum(_shift_sum(P, (3, 5), k[1], d[1], s[1], Wo), (2, 4), k[0], d[0], s[0], Ho)
         T = Ho * Wo
         G = _cast(g, dt).reshape(b, n, -1, T).transpose(2, 3)
         return aa.view(b, n, T, T), G
