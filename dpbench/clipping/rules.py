@@ -197,6 +197,13 @@ class LayerRule:
         return {n: _weighted(coef[n], ps[n]) for n in names}
 
 
+def _scale_smaller(c: torch.Tensor, a: torch.Tensor, g: torch.Tensor):
+    """(a, g) of one use (batch first, same dtype) with c_i applied per sample to the smaller of
+    the two: sum_i c_i G_i' A_i = G' (c A) = (c G)' A, one pass over fewer floats."""
+    cv = c.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
+    return (a * cv, g) if a.numel() < g.numel() else (a, g * cv)
+
+
 def _weighted(c: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
     """sum_i c_i ps_i over the batch axis: one matrix-vector product."""
     return (c.to(ps.dtype) @ ps.reshape(ps.shape[0], -1)).reshape(ps.shape[1:])
@@ -361,14 +368,8 @@ class LinearRule(MatmulRule):
         out = None
         dt = _work_dtype(*acts, *grads)
         for a, g in zip(acts, grads):
-            B = g.shape[0]
-            a, g = _cast(a, dt), _cast(g, dt)
-            cv = c.to(dt).view(B, 1, 1)
-            # c_i scales whichever factor is smaller (G' (c A) = (c G)' A): one pass over D, not p, floats per token
-            if a.shape[-1] < g.shape[-1]:
-                w = g.reshape(-1, g.shape[-1]).t() @ (a.reshape(B, -1, a.shape[-1]) * cv).reshape(-1, a.shape[-1])
-            else:
-                w = (g.reshape(B, -1, g.shape[-1]) * cv).reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+            a, g = _scale_smaller(c, _cast(a, dt), _cast(g, dt))
+            w = g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
             out = w if out is None else out + w
         return out
 
@@ -531,7 +532,7 @@ class _ConvRule(MatmulRule):
         T = sum(int(torch.Size(g.shape[2:]).numel()) for g in grads)
         if T <= self.GEMM_MAX_T and not self._gram_bytes(module, acts, grads):
             return super().weight_sum(module, acts, grads, c)  # on the unfolded input the norms kept
-        # The framework's own weight-gradient convolution, fed with c_i-scaled output grads.
+        # The framework's own weight-gradient convolution, c_i on the smaller of input and output grads.
         out = None
         zeros = [0] * self.nd
         dt = _work_dtype(*acts, *grads)
@@ -539,15 +540,10 @@ class _ConvRule(MatmulRule):
         # The weight enters only through its shape and dtype: a zero-stride view, no copy.
         wv = w.new_zeros((), dtype=dt).expand(w.shape)
         for a, g in zip(acts, grads):
-            B = g.shape[0]
-            cv = c.to(dt).view(B, *([1] * (g.dim() - 1)))
-            if a.numel() < g.numel():  # c_i scales the smaller of input and output gradient
-                gc, xc = _dense(_cast(g, dt)), _cast(a, dt) * cv
-            else:
-                gc, xc = _dense(_cast(g, dt) * cv), _cast(a, dt)
+            xc, gc = _scale_smaller(c, _cast(a, dt), _cast(g, dt))
             x, pad = self._conv_args(module, _dense(xc))
             gw = torch.ops.aten.convolution_backward(
-                gc, x, wv, None, list(module.stride), pad,
+                _dense(gc), x, wv, None, list(module.stride), pad,
                 list(module.dilation), False, zeros, module.groups, [False, True, False])[1]
             out = gw if out is None else out + gw
         return out
