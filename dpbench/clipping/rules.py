@@ -228,7 +228,7 @@ class MatmulRule(LayerRule):
     def bias_ps(self, module, grad):
         raise NotImplementedError
 
-    def _reuses_matrices(self, module, T: int) -> bool:
+    def _reuses_matrices(self, module, acts, grads) -> bool:
         """True when `weight_sum` forms its sum from (A, G) too: ghost norms then keep them for it."""
         return False
 
@@ -316,7 +316,7 @@ class MatmulRule(LayerRule):
                                         ["weight"])["weight"])))
                     continue
                 A, G = self._cat(module, acts, grads, rows)
-                if len(chunks) == 1 and self._reuses_matrices(module, A.shape[2]):
+                if len(chunks) == 1 and self._reuses_matrices(module, acts, grads):
                     self._kept = ([*acts, *grads], (A, G))
                 if A.shape[2] == 1:  # one token: ||g_i||^2 = ||a_i||^2 ||g_i||^2
                     parts.append((A.pow(2).sum(-1) * G.pow(2).sum(-1)).sum((1, 2)))
@@ -467,8 +467,10 @@ class _ConvRule(MatmulRule):
     #: the CPU weight-gradient convolution is up to 3x slower there (512 channels at 1x1)
     GEMM_MAX_T = 4
 
-    def _reuses_matrices(self, module, T):
-        return T <= self.GEMM_MAX_T
+    def _reuses_matrices(self, module, acts, grads):
+        # not where the ghost norms take the Gram-matrix path: they never unfold A to keep it
+        T = sum(int(torch.Size(g.shape[2:]).numel()) for g in grads)
+        return T <= self.GEMM_MAX_T and not self._gram_bytes(module, acts, grads)
 
     def _geometry(self, module, act):
         """(kernel, stride, dilation, padded (H, W), output (H, W)) of a 2-D view of the conv on `act`."""
@@ -529,8 +531,7 @@ class _ConvRule(MatmulRule):
         return aa.view(b, n, T, T), G
 
     def weight_sum(self, module, acts, grads, c):
-        T = sum(int(torch.Size(g.shape[2:]).numel()) for g in grads)
-        if T <= self.GEMM_MAX_T and not self._gram_bytes(module, acts, grads):
+        if self._reuses_matrices(module, acts, grads):
             return super().weight_sum(module, acts, grads, c)  # on the unfolded input the norms kept
         # The framework's own weight-gradient convolution, c_i on the smaller of input and output grads.
         out = None
