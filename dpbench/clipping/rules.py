@@ -252,18 +252,23 @@ class MatmulRule(LayerRule):
         n = getattr(module, "groups", 1)
         return 4 * n * (T * (D + p) + (3 * T * T if ghost else p * D))
 
+    def _per_shapes(self, slot: str, acts, grads, compute):
+        """compute(), cached in `slot` for the uses' shapes past the batch axis (asked every step)."""
+        key = tuple((tuple(a.shape[1:]), tuple(g.shape[1:])) for a, g in zip(acts, grads))
+        hit = self.__dict__.get(slot)
+        if hit is None or hit[0] != key:
+            hit = self.__dict__[slot] = (key, compute())
+        return hit[1]
+
     def dims(self, module, acts, grads):
         if acts[0] is None:
             return None
-        # Cached per input shapes: the chunk sizes ask for them on every call.
-        key = tuple((tuple(a.shape[1:]), tuple(g.shape[1:])) for a, g in zip(acts, grads))
-        hit = self.__dict__.get("_dims_cache")
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        A, G = self._cat(module, acts, grads, rows=slice(0, 1))
-        dims = A.shape[2], A.shape[3], G.shape[3]
-        self._dims_cache = (key, dims)
-        return dims
+
+        def compute():
+            A, G = self._cat(module, acts, grads, rows=slice(0, 1))
+            return A.shape[2], A.shape[3], G.shape[3]
+
+        return self._per_shapes("_dims_cache", acts, grads, compute)
 
     def _gram_bytes(self, module, acts, grads) -> int:
         """Bytes per sample of `_gram_aa`'s temporaries where it is cheaper than A A' by unfolding; 0: unfold."""
@@ -497,17 +502,21 @@ class _ConvRule(MatmulRule):
         # stages, the small CNN's last conv: 2-4x faster norms); unfolding at stride 2.
         if len(acts) != 1 or acts[0] is None or type(self)._padded is not _ConvRule._padded:
             return 0  # (a subclass that pads its own way, StdConv2dSame: its padded size is not known here)
-        k, s, d, (Hp, Wp), (Ho, Wo) = self._geometry(module, acts[0])
+        return self._per_shapes("_gram_cache", acts, grads, lambda: self._gram_cost(module, acts[0], grads[0]))
+
+    def _gram_cost(self, module, a, g) -> int:
+        """`_gram_bytes` of one use (input a, output gradient g), by the cost model above."""
+        k, s, d, (Hp, Wp), (Ho, Wo) = self._geometry(module, a)
         T, HW = Ho * Wo, Hp * Wp
         if T <= 1:
             return 0
-        Cg = acts[0].shape[1] // module.groups
+        Cg = a.shape[1] // module.groups
         D = Cg * k[0] * k[1]
         gram = HW * HW * Cg + self.COPY_COST * (k[1] * (Hp * Wo) ** 2 + k[0] * T * T)
         unfold = T * T * D + self.COPY_COST * T * D
         if gram >= unfold:
             return 0
-        n, p = module.groups, grads[0].shape[1] // module.groups
+        n, p = module.groups, g.shape[1] // module.groups
         return 4 * n * (HW * HW + (Hp * Wo) ** 2 + 2 * T * T + T * p)
 
     def _gram_aa(self, module, acts, grads, rows):
