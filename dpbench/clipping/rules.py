@@ -315,21 +315,19 @@ class MatmulRule(LayerRule):
             for rows in chunks:
                 if gram:  # A A' from the input's pixel Gram matrix: no unfolded copy of the input
                     aa, G = self._gram_aa(module, acts, grads, rows)
-                    gg = torch.matmul(G, G.transpose(-1, -2))
-                    parts.append(_stable_ghost(aa.mul_(gg), (1, 2, 3), lambda i, rows=rows: _per_sample_sq(
-                        self.per_sample(module, [a[rows][i] for a in acts], [g[rows][i] for g in grads],
-                                        ["weight"])["weight"])))
-                    continue
-                A, G = self._cat(module, acts, grads, rows)
-                if len(chunks) == 1 and self._reuses_matrices(module, acts, grads):
-                    self._kept = ([*acts, *grads], (A, G))
-                if A.shape[2] == 1:  # one token: ||g_i||^2 = ||a_i||^2 ||g_i||^2
-                    parts.append((A.pow(2).sum(-1) * G.pow(2).sum(-1)).sum((1, 2)))
-                    continue
-                aa = torch.matmul(A, A.transpose(-1, -2))  # (b, n, T, T)
+                    exact = lambda i, rows=rows: _per_sample_sq(self.per_sample(  # noqa: E731
+                        module, [a[rows][i] for a in acts], [g[rows][i] for g in grads], ["weight"])["weight"])
+                else:
+                    A, G = self._cat(module, acts, grads, rows)
+                    if len(chunks) == 1 and self._reuses_matrices(module, acts, grads):
+                        self._kept = ([*acts, *grads], (A, G))
+                    if A.shape[2] == 1:  # one token: ||g_i||^2 = ||a_i||^2 ||g_i||^2
+                        parts.append((A.pow(2).sum(-1) * G.pow(2).sum(-1)).sum((1, 2)))
+                        continue
+                    aa = torch.matmul(A, A.transpose(-1, -2))  # (b, n, T, T)
+                    exact = lambda i, A=A, G=G: _per_sample_sq(torch.matmul(G[i].transpose(-1, -2), A[i]))  # noqa: E731
                 gg = torch.matmul(G, G.transpose(-1, -2))
-                parts.append(_stable_ghost(aa.mul_(gg), (1, 2, 3), lambda i, A=A, G=G: _per_sample_sq(
-                    torch.matmul(G[i].transpose(-1, -2), A[i]))))
+                parts.append(_stable_ghost(aa.mul_(gg), (1, 2, 3), exact))
             res["weight"] = parts[0] if len(parts) == 1 else torch.cat(parts)
         if "bias" in names:
             res["bias"] = _per_sample_sq(self._bias(module, grads))
