@@ -441,10 +441,9 @@ class _ConvRule(MatmulRule):
 
     def matrices(self, module, act, grad):
         x = self._padded(module, act)
-        k, s, d = module.kernel_size, module.stride, module.dilation
         if self.nd == 1:
             x = x.unsqueeze(2)
-            k, s, d = (1, k[0]), (1, s[0]), (1, d[0])
+        k, s, d = self._kernel2d(module)
         n = module.groups
         if d == (1, 1) and k[1] >= 8:  # long kernel rows (patch embeddings): (B, L, D) order
             rows = _unfold_rows(x, k, s)
@@ -475,13 +474,17 @@ class _ConvRule(MatmulRule):
         T = sum(int(torch.Size(g.shape[2:]).numel()) for g in grads)
         return T <= self.GEMM_MAX_T and not self._gram_bytes(module, acts, grads)
 
+    def _kernel2d(self, module):
+        """(kernel, stride, dilation) of the conv seen as 2-D (a Conv1d on a height-1 map)."""
+        k, s, d = module.kernel_size, module.stride, module.dilation
+        return ((1, k[0]), (1, s[0]), (1, d[0])) if self.nd == 1 else (k, s, d)
+
     def _geometry(self, module, act):
         """(kernel, stride, dilation, padded (H, W), output (H, W)) of a 2-D view of the conv on `act`."""
-        k, s, d = module.kernel_size, module.stride, module.dilation
+        k, s, d = self._kernel2d(module)
         pads = module._reversed_padding_repeated_twice
         size = act.shape[2:]
         if self.nd == 1:
-            k, s, d = (1, k[0]), (1, s[0]), (1, d[0])
             Hp, Wp = 1, size[0] + pads[0] + pads[1]
         else:
             Hp, Wp = size[0] + pads[2] + pads[3], size[1] + pads[0] + pads[1]
