@@ -102,18 +102,6 @@ def test_batched_eigh_on_threads_gives_the_bits_of_one_call():
         assert torch.equal(evals[i], ref_vals) and torch.equal(evecs[i], ref_vecs)
 
 
-def test_thread_map_keeps_order_and_runs_serially_inside_itself():
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        inner = []
-        out = L.thread_map(lambda i: (inner.append(torch.get_num_threads()), i * i)[1], list(range(7)))
-        assert out == [i * i for i in range(7)] and set(inner) == {1}  # one torch thread per worker
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(old)
-
-
 def test_clip_features():
     x = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
     c = L.clip_features(x, 1.0)

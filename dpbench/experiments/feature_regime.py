@@ -39,6 +39,7 @@ from dpbench.experiments import neps
 from dpbench.privacy import accounting
 from dpbench.training import features as F
 from dpbench.training import linear as L
+from dpbench.training.threads import thread_map
 
 MAT = L.MAT
 FAST = ("least_squares", "dp_fc", "newton")  # solvers run here on statistics computed once
@@ -257,7 +258,7 @@ def logistic_runs(split: Split, num_classes: int, runs: Sequence[dict[str, Any]]
     (each run on its own is the mechanism above; runs at other epsilons, step sizes or optimizers
     see the same batches: common random numbers). Each step's sums run over blocks of
     `chunk_rows` batch rows (the same sums, added in another order), and the groups run on
-    `workers` threads (`linear.thread_map`; default: torch's thread count). Returns (W, b) per run."""
+    `workers` threads (`threads.thread_map`; default: torch's thread count). Returns (W, b) per run."""
     x, y = split.x, split.y
     n, d = x.shape
     yy = L.one_hot(y, num_classes, x.dtype)
@@ -280,7 +281,7 @@ def logistic_runs(split: Split, num_classes: int, runs: Sequence[dict[str, Any]]
                                conversion=conversion, grad_clip=grad_clip, betas=betas, adam_eps=adam_eps,
                                chunk_rows=int(chunk_rows))
 
-    for (_, _, _, chunk), heads in zip(parts, L.thread_map(run_part, parts, workers)):
+    for (_, _, _, chunk), heads in zip(parts, thread_map(run_part, parts, workers)):
         for i, head in zip(chunk, heads):
             out[i] = head
     return out
@@ -342,7 +343,7 @@ def newton_runs(split: Split, stats: Stats, num_classes: int, runs: Sequence[dic
     """`linear.dp_newton` for each run (a dict with `epsilon`, `seed`, `lr`, `lam`, `lam_noise`),
     its first Hessian from `stats.gram` (computed once) and released once for all classes
     (`shared_first_hessian`), later Hessians on a Poisson subsample of rate `hessian_fraction`;
-    the runs go on `workers` threads (`linear.thread_map`). Returns (weights, bias) per run."""
+    the runs go on `workers` threads (`threads.thread_map`). Returns (weights, bias) per run."""
     def one(r):
         res = L.dp_newton(split.x, split.y, num_classes, epsilon=r["epsilon"], delta=delta, clip_norm=stats.clip_norm,
                           steps=steps, lr=r["lr"], lam=r["lam"], lam_noise=r["lam_noise"],
@@ -350,7 +351,7 @@ def newton_runs(split: Split, stats: Stats, num_classes: int, runs: Sequence[dic
                           conversion=conversion, seed=r["seed"])
         return res.weights, res.bias
 
-    return L.thread_map(one, list(runs), workers)
+    return thread_map(one, list(runs), workers)
 
 
 # ----------------------------------------------------------------------------- tuning grids

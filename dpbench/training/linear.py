@@ -59,7 +59,6 @@ import functools
 import math
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -70,6 +69,7 @@ from dpbench.errors import UserError
 from dpbench.privacy import accounting
 from dpbench.training.loop import BatchSpec, ClipSpec, EvalSpec, OptimSpec, PrivacySpec, fit
 from dpbench.training.losses import per_sample_cross_entropy
+from dpbench.training.threads import thread_map
 
 CONVERSIONS = ("pld", "rdp", "classic")
 MAT = torch.float64  # d x d algebra (noise, PSD projection, solves) runs in double precision
@@ -123,26 +123,6 @@ def symmetric_gaussian_noise(
 
 
 PSD_FLOAT32_DIM = 128  # from this d on, the PSD projection's eigendecomposition runs in float32
-
-
-def thread_map(fn: Callable[[Any], Any], items: Sequence, workers: int | None = None) -> list:
-    """`[fn(item) for item in items]` on `workers` Python threads (default
-    `torch.get_num_threads()`) with one torch thread each. torch releases the GIL in its
-    kernels, and the work this serves -- eigendecompositions (LAPACK's barely use a second core
-    on one matrix), many small products -- uses extra cores poorly one call at a time. Each item
-    must draw from its own generators; then the result is the serial loop's, up to how float
-    sums round with one BLAS thread instead of several. Serial when workers <= 1 (also inside
-    another `thread_map`, where torch runs one thread)."""
-    workers = torch.get_num_threads() if workers is None else int(workers)
-    if workers <= 1 or len(items) < 2:
-        return [fn(item) for item in items]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(fn, items))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _batched_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
