@@ -104,6 +104,36 @@ def test_chunked_noise_law_and_seed(monkeypatch):
     assert not torch.equal(a[:1000], a[1000:2000])
 
 
+def test_noise_streams_give_the_same_noise_on_any_number_of_threads(monkeypatch):
+    """The CPU noise is dealt to CPU_STREAMS generators drawn on parallel threads: a seed gives
+    the same bits with one torch thread (serial) or two (threaded), and the streams differ."""
+    monkeypatch.setattr(DPOptimizer, "NOISE_CHUNK", 1000)  # 23 pieces: threaded (>= 4 pieces)
+    import dpbench.training.optimizer as optimizer_mod
+    workers = []
+    real_map = optimizer_mod.thread_map
+    monkeypatch.setattr(optimizer_mod, "thread_map", lambda fn, items, n: (workers.append(n), real_map(fn, items, n))[1])
+
+    def draw(threads):
+        params = [nn.Parameter(torch.zeros(20000)), nn.Parameter(torch.zeros(30, 100)), nn.Parameter(torch.zeros(5))]
+        opt = DPOptimizer(torch.optim.SGD(params, lr=1.0), _Sens(params), 1.0, 1.0, seed=7)
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            opt.zero_grad()
+            opt.add_noise()
+        finally:
+            torch.set_num_threads(old)
+        return torch.cat([p.grad.flatten() for p in params])
+
+    one, two = draw(1), draw(2)
+    assert torch.equal(one, two) and workers == [1, 2]
+    assert DPOptimizer.CPU_STREAMS == 2
+    # pieces 0 and 1 come from different streams: different draws, uncorrelated
+    assert abs(torch.corrcoef(one[:2000].view(2, 1000))[0, 1].item()) < 0.15
+    # stream 0's second piece continues stream 0 (piece 2), not a restart
+    assert not torch.equal(one[:1000], one[2000:3000])
+
+
 def test_chunked_noise_pieces_never_repeat_across_parameters_or_steps(monkeypatch):
     """Every piece of every parameter's noise, over two steps, is a fresh draw: no piece of the
     scratch buffer is added twice (equal blocks) and neighbouring pieces are uncorrelated."""
