@@ -14,8 +14,9 @@ optimizer and counts the step. An empty logical batch therefore still releases n
 still counts, so the number of steps always matches the ledger.
 
 Noise sources:
-- default: a `torch.Generator` per device, seeded deterministically from `seed` (or a
-  random seed when `seed` is None) -- reproducible, NOT cryptographically secure;
+- default: `torch.Generator`s seeded deterministically from `seed` (or a random seed when
+  `seed` is None) -- reproducible, NOT cryptographically secure. One per GPU; on the CPU,
+  CPU_STREAMS of them, each drawing every other 1 MiB piece on its own thread;
 - `secure_rng=True`: uniforms from the OS CSPRNG (`os.urandom`), turned into Gaussians by
   Box-Muller in float64 on the CPU, then cast and moved to the parameter's device. The
   randomness cannot be predicted or replayed; like every floating-point Gaussian sampler it
