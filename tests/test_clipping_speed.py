@@ -134,6 +134,32 @@ def test_noise_streams_give_the_same_noise_on_any_number_of_threads(monkeypatch)
     assert not torch.equal(one[:1000], one[2000:3000])
 
 
+@pytest.mark.parametrize("sigma", [0.0, 1.5])
+def test_division_by_the_expected_batch_inside_the_noise_pass_is_the_separate_division(monkeypatch, sigma):
+    """add_noise divides each piece right after its noise: the same bits as noise everywhere,
+    then a division of every gradient (contiguous, non-contiguous, sigma 0 alike)."""
+    monkeypatch.setattr(DPOptimizer, "NOISE_CHUNK", 1000)
+
+    def grads(opt_fn):
+        params = [nn.Parameter(torch.zeros(6000)), nn.Parameter(torch.zeros(30, 40)), nn.Parameter(torch.zeros(3))]
+        opt = DPOptimizer(torch.optim.SGD(params, lr=1.0), _Sens(params), sigma, 7.0, seed=5)
+        g = torch.Generator().manual_seed(1)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        params[1].grad = torch.randn(40, 30, generator=g).t()  # non-contiguous
+        opt_fn(opt)
+        return torch.cat([p.grad.flatten() for p in params])
+
+    def separate(opt):
+        opt._add_gaussian(opt.noise_std)
+        for p in opt.params:
+            p.grad.div_(opt.expected_batch_size)
+
+    fused = grads(lambda opt: opt.add_noise())
+    assert torch.equal(fused, grads(separate))
+    assert (sigma == 0) == torch.equal(fused, grads(lambda opt: None) / 7.0)
+
+
 def test_chunked_noise_pieces_never_repeat_across_parameters_or_steps(monkeypatch):
     """Every piece of every parameter's noise, over two steps, is a fresh draw: no piece of the
     scratch buffer is added twice (equal blocks) and neighbouring pieces are uncorrelated."""

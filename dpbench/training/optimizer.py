@@ -219,13 +219,16 @@ class DPOptimizer:
     def add_noise(self) -> None:
         """Add N(0, (sigma C_total)^2) to every trainable gradient and divide by E[B]."""
         self._fill_missing_grads()
-        self._add_gaussian(0.0 if self.fault_no_noise else self.noise_std)
-        for p in self.params:
-            p.grad.div_(self.expected_batch_size)
+        self._add_gaussian(0.0 if self.fault_no_noise else self.noise_std, divisor=self.expected_batch_size)
 
-    def _add_gaussian(self, std: float) -> None:
-        """Add N(0, std^2) to every trainable gradient (nothing when std is 0)."""
+    def _add_gaussian(self, std: float, divisor: float | None = None) -> None:
+        """Add N(0, std^2) to every trainable gradient (nothing when std is 0), then divide it
+        by `divisor` if given: piece by piece while the piece is in cache (a separate pass over
+        a ResNet-18's gradients after the noise took 8-10 ms on 2 cores)."""
         if std <= 0:
+            if divisor is not None:
+                for p in self.params:
+                    p.grad.div_(divisor)
             return
         pieces: dict[torch.device, list] = {}  # contiguous gradients' pieces, per device
         for p in self.params:
@@ -241,15 +244,19 @@ class DPOptimizer:
                 flat = g.view(-1)
                 pieces.setdefault(g.device, []).extend(
                     flat[i:i + self.NOISE_CHUNK] for i in range(0, flat.numel(), self.NOISE_CHUNK))
+                continue
+            if divisor is not None:
+                g.div_(divisor)
         for device, todo in pieces.items():
             streams = self.CPU_STREAMS if device.type == "cpu" else 1  # a GPU's generator is parallel
             jobs = [(k, self._generator(device, k), todo[k::streams]) for k in range(streams)]
-            fill = lambda job: self._add_pieces(*job, std)  # noqa: E731
+            fill = lambda job: self._add_pieces(*job, std, divisor)  # noqa: E731
             big = sum(t.numel() for t in todo) >= 4 * self.NOISE_CHUNK  # threads cost ~0.2 ms
             thread_map(fill, jobs, min(streams, torch.get_num_threads()) if big else 1)
 
-    def _add_pieces(self, stream: int, gen: torch.Generator, pieces: list, std: float) -> None:
-        """Add std * N(0, 1) from `gen` to each piece, drawn into the stream's scratch buffer."""
+    def _add_pieces(self, stream: int, gen: torch.Generator, pieces: list, std: float,
+                    divisor: float | None) -> None:
+        """Add std * N(0, 1) from `gen` to each piece, drawn into the stream's scratch buffer; then divide by `divisor`."""
         bufs = self.__dict__.setdefault("_noise_bufs", {})
         for piece in pieces:
             key = (piece.device, piece.dtype, stream)
@@ -257,6 +264,8 @@ class DPOptimizer:
             if buf is None or buf.numel() < piece.numel():
                 buf = bufs[key] = torch.empty(piece.numel(), dtype=piece.dtype, device=piece.device)
             piece.add_(buf[:piece.numel()].normal_(generator=gen), alpha=std)
+            if divisor is not None:
+                piece.div_(divisor)
 
     #: elements of one piece of noise and of a stream's scratch buffer (1 MiB in float32: it stays in cache)
     NOISE_CHUNK = 1 << 18
