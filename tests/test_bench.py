@@ -47,7 +47,9 @@ def test_child_process_cells_measure_memory_and_write_json(tmp_path):
         assert r["peak_mem_mb"] > r["base_rss_mb"] > 0
         assert r["step_mem_mb"] == pytest.approx(r["peak_mem_mb"] - r["base_rss_mb"])
         assert r["mem_ratio_to_nonprivate"] > 0
+        assert r["live_mem_mb"] > 0 and r["live_mem_ratio"] > 0
     assert [r["method"] for r in rows] == ["nonprivate", "bk"]
+    assert rows[0]["live_mem_ratio"] == 1.0
 
 
 def test_a_failing_cell_says_why():
@@ -106,6 +108,24 @@ def test_peak_extra_mb_sees_a_call_that_touches_memory():
     assert big is not None and small is not None
     assert 48 <= big <= 200  # coarse: RSS pages, allocator slack
     assert small < 16 < big
+
+
+def test_live_peak_mb_counts_live_tensors_exactly_and_ignores_what_the_allocator_keeps():
+    import torch
+
+    def two_at_once():  # 4 MiB and 8 MiB live together, then freed; 1 MiB after
+        a, b = torch.empty(1 << 20), torch.empty(1 << 21)
+        a.fill_(1.0), b.fill_(2.0)
+        del a, b
+        return torch.empty(1 << 18).fill_(0.0).sum()
+
+    assert bench.live_peak_mb(two_at_once) == 12.0
+    held = []  # a block the call keeps counts; blocks from before the call do not
+    assert bench.live_peak_mb(lambda: held.append(torch.empty(1 << 20))) == 4.0
+    # a large block freed earlier (pages the C allocator may keep) leaves the measure unchanged
+    torch.ones(64 * 2**20 // 4).sum()
+    assert bench.live_peak_mb(two_at_once) == 12.0
+    assert bench.live_peak_mb(lambda: None) == 0.0
 
 
 def test_table_shows_the_median_of_pair_ratios_beside_the_ratio_of_medians():

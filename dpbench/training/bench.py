@@ -22,6 +22,12 @@ How it measures:
   `steady_mem_mb` is the same for one more step after the warm-up, on its own (peak reset
   first): the steady state, without the first step's one-off self-checks and measurements;
   `steady_mem_ratio` is it over the non-private cell's.
+- Live-tensor memory: RSS also counts freed memory that the C allocator keeps (glibc holds
+  on to freed heap pages, so a step's RSS peak depends on what ran before it). `live_mem_mb`
+  is one more step's peak of live tensor bytes above those live when it starts, the CPU's
+  counterpart of torch.cuda.max_memory_allocated (`live_peak_mb`: torch.profiler's allocation
+  events; on GPU the CUDA allocator's own counters). `live_mem_ratio` is it over the
+  non-private cell's. Valid in-process too (`--no-isolate`).
 - In-process probe: `peak_extra_mb(fn, device)` is the one memory probe for a single call
   inside a running process (notebooks 01 and 02): the peak above what was live before it.
 - A cell that fails (e.g. Opacus on timm's resnet18) is a row with status "failed" and the
@@ -74,7 +80,7 @@ ROW_KEYS = (
     "model", "resolution", "batch_size", "method", "style", "step_time_s", "peak_mem_mb", "ratio_to_nonprivate",
     "step_mem_mb", "mem_ratio_to_nonprivate", "baseline_step_time_s", "base_rss_mb", "peak_reset",
     "max_batch_size", "max_batch_size_card", "max_batch_cap_gb", "status", "reason", "device", "profile", "repeats", "threads", "torch_version",
-    "pair_ratios", "steady_mem_mb", "steady_mem_ratio",
+    "pair_ratios", "steady_mem_mb", "steady_mem_ratio", "live_mem_mb", "live_mem_ratio",
 )
 _RESULT_MARK = "DPBENCH_CELL_RESULT "
 
@@ -316,6 +322,48 @@ def peak_extra_mb(fn: Callable[[], Any], device: str | torch.device = "cpu") -> 
     return None if before is None or peak is None else max(0.0, peak - before)
 
 
+def live_peak_mb(fn: Callable[[], Any], device: str | torch.device = "cpu") -> float | None:
+    """Peak MB of live tensors while `fn()` runs, above those live when it starts.
+
+    CUDA: torch.cuda.max_memory_allocated after a reset, minus the memory allocated before.
+    CPU: the allocation events of torch.profiler (profile_memory=True) over two calls of `fn`;
+    the second call is measured, so that every block it frees was allocated under the profiler
+    and has a known size. Unlike the RSS it ignores freed memory that the C allocator keeps.
+    """
+    dev = torch.device(device)
+    gc.collect()
+    if dev.type == "cuda":
+        fn()
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        fn()
+        torch.cuda.synchronize(dev)
+        return (torch.cuda.max_memory_allocated(dev) - before) / 2**20
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+        with record_function("dpbench::measured_call"):
+            fn()
+    events = prof.profiler.kineto_results.events()
+    mark = next((e for e in events if e.name() == "dpbench::measured_call"), None)
+    if mark is None:  # a profiler that recorded nothing (another one already running)
+        return None
+    start, end = mark.start_ns(), mark.start_ns() + mark.duration_ns()
+    cpu = torch.autograd.DeviceType.CPU
+    live, at_start, peak = 0, None, 0
+    for e in sorted((e for e in events if e.name() == "[memory]" and e.device_type() == cpu),
+                    key=lambda e: e.start_ns()):
+        if e.start_ns() >= end:
+            break
+        if e.start_ns() >= start and at_start is None:
+            at_start = peak = live
+        live += e.nbytes()
+        peak = max(peak, live)
+    return 0.0 if at_start is None else (peak - at_start) / 2**20
+
+
 def _preimport(cell: "Cell") -> None:
     """Import the libraries a cell uses before the memory baseline, so that their code and
     tables count in base_rss_mb rather than in the method's memory."""
@@ -483,6 +531,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
             if _reset_peak_rss():
                 step()
                 row["steady_mem_mb"] = _peak_rss_mb() - row["base_rss_mb"]
+        row["live_mem_mb"] = live_peak_mb(step, dev)
 
         # 2. time, interleaved with the non-private baseline on an identical copy
         if cell.method == NONPRIVATE:
@@ -627,8 +676,9 @@ def run_benchmark(profile: str | Sequence[Cell] = "cpu", *, models: Sequence[str
 
 def _fill_memory_ratios(rows: list[dict[str, Any]]) -> None:
     """mem_ratio_to_nonprivate = step_mem_mb / the non-private cell's step_mem_mb (and
-    steady_mem_ratio from steady_mem_mb likewise)."""
-    for mem, ratio in (("step_mem_mb", "mem_ratio_to_nonprivate"), ("steady_mem_mb", "steady_mem_ratio")):
+    steady_mem_ratio from steady_mem_mb, live_mem_ratio from live_mem_mb likewise)."""
+    for mem, ratio in (("step_mem_mb", "mem_ratio_to_nonprivate"), ("steady_mem_mb", "steady_mem_ratio"),
+                       ("live_mem_mb", "live_mem_ratio")):
         base = {(r["model"], r["resolution"], r["batch_size"]): r.get(mem) for r in rows
                 if r["method"] == NONPRIVATE and r["status"] == "ok"}
         for r in rows:
@@ -642,7 +692,7 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
     cols = [("model", "model"), ("resolution", "px"), ("batch_size", "batch"), ("method", "method"),
             ("step_time_s", "step s"), ("baseline_step_time_s", "base s"), ("time_over_base", "step/base"),
             ("ratio_to_nonprivate", "x time (median of pairs)"), ("peak_mem_mb", "peak MB"),
-            ("step_mem_mb", "step MB"), ("mem_ratio_to_nonprivate", "x mem"), ("steady_mem_ratio", "x mem later"), ("max_batch_size", "max batch"), ("status", "status")]
+            ("step_mem_mb", "step MB"), ("mem_ratio_to_nonprivate", "x mem"), ("steady_mem_ratio", "x mem later"), ("live_mem_ratio", "x live mem"), ("max_batch_size", "max batch"), ("status", "status")]
     rows = list(rows)
     if rows and all(r.get("max_batch_size") is None for r in rows):
         cols = [c for c in cols if c[0] != "max_batch_size"]
@@ -652,7 +702,8 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
             return "-"
         if k in ("step_time_s", "baseline_step_time_s"):
             return f"{v:.4f}"
-        if k in ("ratio_to_nonprivate", "mem_ratio_to_nonprivate", "time_over_base", "steady_mem_ratio"):
+        if k in ("ratio_to_nonprivate", "mem_ratio_to_nonprivate", "time_over_base", "steady_mem_ratio",
+                 "live_mem_ratio"):
             return f"{v:.2f}"
         if k in ("peak_mem_mb", "step_mem_mb"):
             return f"{v:.0f}"
@@ -676,7 +727,9 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
                      "step/base: their ratio; x time: the median of the per-pair ratios (robust to load drifts, "
                      "so it need not equal step/base)")
         lines.append("x mem: step memory peak over the warm-up steps (the first one included: the engine's self-checks, "
-                     "auto's measurements) / non-private's; x mem later: the peak of one later step / non-private's")
+                     "auto's measurements) / non-private's; x mem later: the peak of one later step / non-private's "
+                     "(both RSS, which keeps freed heap pages); x live mem: one later step's peak of live tensor "
+                     "bytes / non-private's")
         lines.append(f"device: {rows[0].get('device')}, torch {rows[0].get('torch_version')}, "
                      f"threads {rows[0].get('threads')}")
     return "\n".join(lines)
