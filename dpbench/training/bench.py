@@ -24,10 +24,10 @@ How it measures:
   `steady_mem_ratio` is it over the non-private cell's.
 - Live-tensor memory: RSS also counts freed memory that the C allocator keeps (glibc holds
   on to freed heap pages, so a step's RSS peak depends on what ran before it). `live_mem_mb`
-  is one more step's peak of live tensor bytes above those live when it starts, the CPU's
-  counterpart of torch.cuda.max_memory_allocated (`live_peak_mb`: torch.profiler's allocation
-  events; on GPU the CUDA allocator's own counters). `live_mem_ratio` is it over the
-  non-private cell's. Valid in-process too (`--no-isolate`).
+  is one more step's peak of live tensor bytes, model, gradients and data included: the CPU's
+  counterpart of torch.cuda.max_memory_allocated (`live_peak_mb`: the tensors live before the
+  step plus torch.profiler's allocation events; on GPU the CUDA allocator's own counters).
+  `live_mem_ratio` is it over the non-private cell's. Valid in-process too (`--no-isolate`).
 - In-process probe: `peak_extra_mb(fn, device)` is the one memory probe for a single call
   inside a running process (notebooks 01 and 02): the peak above what was live before it.
 - A cell that fails (e.g. Opacus on timm's resnet18) is a row with status "failed" and the
@@ -322,46 +322,60 @@ def peak_extra_mb(fn: Callable[[], Any], device: str | torch.device = "cpu") -> 
     return None if before is None or peak is None else max(0.0, peak - before)
 
 
-def live_peak_mb(fn: Callable[[], Any], device: str | torch.device = "cpu") -> float | None:
-    """Peak MB of live tensors while `fn()` runs, above those live when it starts.
+def _live_cpu_tensor_bytes() -> int:
+    """Bytes of the CPU storages of every tensor the garbage collector can see (each storage once)."""
+    seen, total = set(), 0
+    objs = gc.get_objects()  # containers; a tensor is found through what refers to it
+    for obj in [*objs, *(r for o in objs for r in gc.get_referents(o))]:
+        # type(), not isinstance(): the latter reads __class__, which deprecated lazy objects warn on
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu" and obj.layout == torch.strided:
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
 
-    CUDA: torch.cuda.max_memory_allocated after a reset, minus the memory allocated before.
-    CPU: the allocation events of torch.profiler (profile_memory=True) over two calls of `fn`;
-    the second call is measured, so that every block it frees was allocated under the profiler
-    and has a known size. Unlike the RSS it ignores freed memory that the C allocator keeps.
+
+def live_peak_mb(fn: Callable[[], Any], device: str | torch.device = "cpu") -> float | None:
+    """Peak MB of live tensor memory on `device` while `fn()` runs: everything live, the
+    model, its gradients and the data included, like torch.cuda.max_memory_allocated.
+
+    CUDA: torch.cuda.max_memory_allocated after a reset, on a second call. CPU: the tensors
+    live before the call (found through the garbage collector) plus the running sum of
+    torch.profiler's allocation events (profile_memory=True) during it. Two calls run under
+    the profiler and the second is measured, so that every block it frees was allocated under
+    the profiler and has a known size. Unlike the RSS it ignores freed memory that the C
+    allocator keeps. None where the profiler recorded nothing (another one was running).
     """
     dev = torch.device(device)
     gc.collect()
     if dev.type == "cuda":
         fn()
         torch.cuda.synchronize(dev)
-        before = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         fn()
         torch.cuda.synchronize(dev)
-        return (torch.cuda.max_memory_allocated(dev) - before) / 2**20
+        return torch.cuda.max_memory_allocated(dev) / 2**20
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+        gc.collect()
+        before = _live_cpu_tensor_bytes()
         with record_function("dpbench::measured_call"):
             fn()
     events = prof.profiler.kineto_results.events()
     mark = next((e for e in events if e.name() == "dpbench::measured_call"), None)
-    if mark is None:  # a profiler that recorded nothing (another one already running)
+    if mark is None:
         return None
     start, end = mark.start_ns(), mark.start_ns() + mark.duration_ns()
     cpu = torch.autograd.DeviceType.CPU
-    live, at_start, peak = 0, None, 0
-    for e in sorted((e for e in events if e.name() == "[memory]" and e.device_type() == cpu),
-                    key=lambda e: e.start_ns()):
-        if e.start_ns() >= end:
-            break
-        if e.start_ns() >= start and at_start is None:
-            at_start = peak = live
+    live = peak = before
+    for e in sorted((e for e in events if e.name() == "[memory]" and e.device_type() == cpu
+                     and start <= e.start_ns() < end), key=lambda e: e.start_ns()):
         live += e.nbytes()
         peak = max(peak, live)
-    return 0.0 if at_start is None else (peak - at_start) / 2**20
+    return peak / 2**20
 
 
 def _preimport(cell: "Cell") -> None:
