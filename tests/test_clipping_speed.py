@@ -127,6 +127,17 @@ def test_noise_streams_give_the_same_noise_on_any_number_of_threads(monkeypatch)
 
     one, two = draw(1), draw(2)
     assert torch.equal(one, two) and workers == [1, 2]
+    # dealt by size: alternating pieces would give one stream all of a ViT block's large weights
+    sizes = [10, 40000, 10, 40000, 10, 40000, 10, 40000]
+    params = [nn.Parameter(torch.zeros(n)) for n in sizes]
+    opt = DPOptimizer(torch.optim.SGD(params, lr=1.0), _Sens(params), 1.0, 1.0, seed=7)
+    monkeypatch.setattr(DPOptimizer, "NOISE_CHUNK", 1 << 18)
+    dealt = []
+    monkeypatch.setattr(optimizer_mod, "thread_map", lambda fn, items, n: dealt.extend(items))
+    opt.zero_grad()
+    opt.add_noise()
+    loads = [sum(t.numel() for t in pieces) for _, _, pieces in dealt]
+    assert len(loads) == 2 and max(loads) - min(loads) <= 40000 // 2
     assert DPOptimizer.CPU_STREAMS == 2
     # pieces 0 and 1 come from different streams: different draws, uncorrelated
     assert abs(torch.corrcoef(one[:2000].view(2, 1000))[0, 1].item()) < 0.15
