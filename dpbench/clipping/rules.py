@@ -307,6 +307,9 @@ class MatmulRule(LayerRule):
 
     def ghost_sq_norms(self, module, acts, grads, names):
         res = {}
+        # The bias gradient is sum_t G_t, so its squared norm is the sum of G G' (formed for
+        # the weight anyway): no second pass over G.
+        bias_parts = [] if "bias" in names and "weight" in names else None
         if "weight" in names:
             B = grads[0].shape[0]
             parts = []
@@ -322,14 +325,21 @@ class MatmulRule(LayerRule):
                     if len(chunks) == 1 and self._reuses_matrices(module, acts, grads):
                         self._kept = ([*acts, *grads], (A, G))
                     if A.shape[2] == 1:  # one token: ||g_i||^2 = ||a_i||^2 ||g_i||^2
-                        parts.append((A.pow(2).sum(-1) * G.pow(2).sum(-1)).sum((1, 2)))
+                        gsq = G.pow(2).sum(-1)
+                        parts.append((A.pow(2).sum(-1) * gsq).sum((1, 2)))
+                        if bias_parts is not None:
+                            bias_parts.append(gsq.sum((1, 2)))
                         continue
                     aa = torch.matmul(A, A.transpose(-1, -2))  # (b, n, T, T)
                     exact = lambda i, A=A, G=G: _per_sample_sq(torch.matmul(G[i].transpose(-1, -2), A[i]))  # noqa: E731
                 gg = torch.matmul(G, G.transpose(-1, -2))
+                if bias_parts is not None:
+                    bias_parts.append(_stable_ghost(gg, (1, 2, 3), lambda i, G=G: _per_sample_sq(G[i].sum(2))))
                 parts.append(_stable_ghost(aa.mul_(gg), (1, 2, 3), exact))
             res["weight"] = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if "bias" in names:
+        if bias_parts:
+            res["bias"] = bias_parts[0] if len(bias_parts) == 1 else torch.cat(bias_parts)
+        elif "bias" in names:
             res["bias"] = _per_sample_sq(self._bias(module, grads))
         return res
 
@@ -584,8 +594,8 @@ class EmbeddingRule(LayerRule):
     def check(self, module, names):
         if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
             raise UserError(
-                f"Embedding with max_norm, scale_grad_by_freq or sparse=True is not supported by the clipping "
-                f"engine (they mix samples or edit weights in the forward pass); build it without them")
+                "Embedding with max_norm, scale_grad_by_freq or sparse=True is not supported by the clipping "
+                "engine (they mix samples or edit weights in the forward pass); build it without them")
 
     def _flat(self, module, acts, grads):
         B = grads[0].shape[0]
