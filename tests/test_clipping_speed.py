@@ -51,6 +51,27 @@ def test_fast_unfold_equals_f_unfold(shape, k, d, s):
         assert torch.equal(_unfold(t, k, d, s), F.unfold(t, k, dilation=d, stride=s))
 
 
+@pytest.mark.parametrize("method", ["ghost", "bk"])
+def test_patch_embedding_clipped_sum_is_one_gemm_on_the_kept_unfolded_input(method, monkeypatch):
+    """A conv whose patches do not overlap (kernel = stride, no padding: a ViT's patch
+    embedding) keeps the ghost norm's unfolded input for its clipped sum at any number of
+    positions (T = 16 here): no weight-gradient convolution, and the naive loop's result."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 4, stride=4), nn.Flatten(), nn.Linear(1024, 3))  # bk: ghost
+    x, y = torch.randn(5, 3, 16, 16), torch.randint(0, 3, (5,))
+    real = torch.ops.aten.convolution_backward
+    calls = []
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", lambda *a: (calls.append(1), real(*a))[1])
+    eng = ClippingEngine(model, max_grad_norm=0.3, method=method)
+    try:
+        eng.backward(F.cross_entropy(model(x), y, reduction="none"))
+        assert eng.layer_table()[0]["method"] == "ghost" and eng.layer_table()[0]["T"] == 16
+        assert not calls  # the clipped sum never ran the weight-gradient convolution
+        _matches_naive(model, x, y, 0.3)
+    finally:
+        eng.remove()
+
+
 @pytest.mark.parametrize("method", ["ghost", "bk", "mixed"])
 def test_kept_unfolded_inputs_never_serve_another_batch(method):
     """Convs with <= 4 output positions keep the ghost norm's unfolded input for the clipped
