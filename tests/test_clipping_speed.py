@@ -253,6 +253,8 @@ def test_long_thin_per_sample_products_match_the_naive_loop():
     (nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1), groups=2), (6, 7), False),
     (nn.Conv2d(2, 3, 4, padding="same", padding_mode="reflect"), (5, 5), False),
     (nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), (11,), False),
+    (nn.Conv2d(3, 4, 4, padding="same"), (5, 6), False),  # zeros, uneven: 1 before, 2 after
+    (nn.Conv2d(3, 4, 3, padding=3), (4, 4), False),  # border outputs see only padding
 ])
 def test_gram_ghost_norms_equal_the_per_sample_norms(conv, size, natural, monkeypatch):
     """Ghost norms whose A A' comes from the input's pixel Gram matrix (no unfolding), where the
@@ -302,7 +304,9 @@ def test_gram_ghost_norms_in_the_engine_match_the_naive_loop(method):
             _matches_naive(model, x, y, 0.3)
     finally:
         eng.remove()
-    assert set(used) == {"2", "6"}  # the stride-1 convs on 4x4 and 2x2 maps
+    # the stride-1 convs on 4x4 and 2x2 maps, and the stride-2 conv on the 4x4 map (the Gram
+    # matrix of the map itself, without its padding: 16 pixels, not 36)
+    assert set(used) == {"2", "4", "6"}
 
 
 def test_norm_rules_multiply_only_their_own_temporaries_in_place():

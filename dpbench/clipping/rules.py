@@ -416,14 +416,37 @@ def _unfold_rows(x: torch.Tensor, k, s) -> torch.Tensor:
     return win.reshape(B, Ho * Wo, C * k[0] * k[1])
 
 
-def _shift_sum(t: torch.Tensor, axes, k: int, d: int, s: int, n: int) -> torch.Tensor:
-    """sum over j < k of t's block at offset j*d, stride s, n long on both `axes` (a new tensor)."""
+def _shift_sum(t: torch.Tensor, axes, k: int, d: int, s: int, n: int, pad: int = 0, size: int | None = None) -> torch.Tensor:
+    """sum over j < k of t's block at offset j*d - pad, stride s, n long on both `axes` (a new tensor).
+
+    `t` holds an unpadded map of `size` positions on both axes, padded by `pad` zeros in front
+    (and enough behind): a block's positions outside the map contribute nothing.
+    """
+    size = t.shape[axes[0]] if size is None else size
     out = None
     for j in range(k):
+        lo = max(0, -((j * d - pad) // s))  # the first output position whose input lies in the map
+        hi = min(n, (size - 1 + pad - j * d) // s + 1)
+        if hi <= lo:
+            continue
+        start = lo * s + j * d - pad
         idx = [slice(None)] * t.dim()
-        idx[axes[0]] = idx[axes[1]] = slice(j * d, j * d + s * (n - 1) + 1, s)
+        idx[axes[0]] = idx[axes[1]] = slice(start, start + s * (hi - lo - 1) + 1, s)
         blk = t[tuple(idx)]
-        out = blk.clone(memory_format=torch.contiguous_format) if out is None else out.add_(blk)
+        if out is None and (lo, hi) == (0, n):
+            out = blk.clone(memory_format=torch.contiguous_format)
+            continue
+        if out is None:
+            shape = list(t.shape)
+            shape[axes[0]] = shape[axes[1]] = n
+            out = t.new_zeros(shape)
+        dst = [slice(None)] * t.dim()
+        dst[axes[0]] = dst[axes[1]] = slice(lo, hi)
+        out[tuple(dst)].add_(blk)
+    if out is None:
+        shape = list(t.shape)
+        shape[axes[0]] = shape[axes[1]] = n
+        out = t.new_zeros(shape)
     return out
 
 
@@ -513,7 +536,8 @@ class _ConvRule(MatmulRule):
     def _gram_bytes(self, module, acts, grads):
         # One use only (several would need cross-use blocks). Per sample and group, unfolding
         # costs T^2 D multiply-adds for A A' plus a copy of A (T D); the pixel Gram matrix
-        # (Hp Wp)^2 C/n plus strided adds (k1 blocks of (Hp Wo)^2, k0 of T^2). The Gram matrix
+        # (H W)^2 C/n plus strided adds (k1 blocks of (H Wo)^2, k0 of T^2), on the map itself
+        # with zero padding (Hp, Wp padded with other modes). The Gram matrix
         # wins at stride 1 on small maps with a few dozen channels (a ResNet's 8x8 to 2x2
         # stages, the small CNN's last conv: 2-4x faster norms); unfolding at stride 2.
         if len(acts) != 1 or acts[0] is None or type(self)._padded is not _ConvRule._padded:
@@ -523,6 +547,8 @@ class _ConvRule(MatmulRule):
     def _gram_cost(self, module, a, g) -> int:
         """`_gram_bytes` of one use (input a, output gradient g), by the cost model above."""
         k, s, d, (Hp, Wp), (Ho, Wo) = self._geometry(module, a)
+        if module.padding_mode == "zeros":  # _gram_aa works on the map itself
+            Hp, Wp = (1, a.shape[2]) if self.nd == 1 else a.shape[2:]
         T, HW = Ho * Wo, Hp * Wp
         if T <= 1:
             return 0
@@ -543,14 +569,23 @@ class _ConvRule(MatmulRule):
         """
         a, g = acts[0][rows], grads[0][rows]
         dt = _work_dtype(a, g)
-        x = self._padded(module, _cast(a, dt))
-        k, s, d, (Hp, Wp), (Ho, Wo) = self._geometry(module, acts[0])
+        k, s, d, _, (Ho, Wo) = self._geometry(module, acts[0])
+        if module.padding_mode == "zeros":
+            # zero padding adds zero pixels: the Gram matrix of the map itself, and the shifts
+            # skip what falls outside it (no padded copy; (H W)^2 instead of (Hp Wp)^2 products)
+            x = _cast(a, dt)
+            pads = module._reversed_padding_repeated_twice
+            left, top = pads[0], (pads[2] if self.nd == 2 else 0)
+        else:
+            x = self._padded(module, _cast(a, dt))
+            left = top = 0
+        H, W = (1, x.shape[2]) if self.nd == 1 else x.shape[2:]
         b, n = x.shape[0], module.groups
-        xf = x.reshape(b, n, x.shape[1] // n, Hp * Wp)
-        P = torch.matmul(xf.transpose(-1, -2), xf).view(b, n, Hp, Wp, Hp, Wp)
-        # The shifts are separable: the k1 width shifts first (b, n, Hp, Wo, Hp, Wo), then the
+        xf = x.reshape(b, n, x.shape[1] // n, H * W)
+        P = torch.matmul(xf.transpose(-1, -2), xf).view(b, n, H, W, H, W)
+        # The shifts are separable: the k1 width shifts first (b, n, H, Wo, H, Wo), then the
         # k0 height shifts; 2-3x faster than k0 k1 strided adds of T x T blocks.
-        aa = _shift_sum(_shift_sum(P, (3, 5), k[1], d[1], s[1], Wo), (2, 4), k[0], d[0], s[0], Ho)
+        aa = _shift_sum(_shift_sum(P, (3, 5), k[1], d[1], s[1], Wo, left, W), (2, 4), k[0], d[0], s[0], Ho, top, H)
         T = Ho * Wo
         G = _cast(g, dt).reshape(b, n, -1, T).transpose(2, 3)
         return aa.view(b, n, T, T), G
