@@ -416,13 +416,14 @@ def _unfold_rows(x: torch.Tensor, k, s) -> torch.Tensor:
     return win.reshape(B, Ho * Wo, C * k[0] * k[1])
 
 
-def _shift_sum(t: torch.Tensor, axes, k: int, d: int, s: int, n: int, pad: int = 0, size: int | None = None) -> torch.Tensor:
+def _shift_sum(t: torch.Tensor, axes, k: int, d: int, s: int, n: int, pad: int, size: int) -> torch.Tensor:
     """sum over j < k of t's block at offset j*d - pad, stride s, n long on both `axes` (a new tensor).
 
-    `t` holds an unpadded map of `size` positions on both axes, padded by `pad` zeros in front
+    `t` holds a map of `size` positions on both axes, seen as padded by `pad` zeros in front
     (and enough behind): a block's positions outside the map contribute nothing.
     """
-    size = t.shape[axes[0]] if size is None else size
+    shape = list(t.shape)
+    shape[axes[0]] = shape[axes[1]] = n
     out = None
     for j in range(k):
         lo = max(0, -((j * d - pad) // s))  # the first output position whose input lies in the map
@@ -430,24 +431,17 @@ def _shift_sum(t: torch.Tensor, axes, k: int, d: int, s: int, n: int, pad: int =
         if hi <= lo:
             continue
         start = lo * s + j * d - pad
-        idx = [slice(None)] * t.dim()
-        idx[axes[0]] = idx[axes[1]] = slice(start, start + s * (hi - lo - 1) + 1, s)
-        blk = t[tuple(idx)]
-        if out is None and (lo, hi) == (0, n):
+        src, dst = [slice(None)] * t.dim(), [slice(None)] * t.dim()
+        src[axes[0]] = src[axes[1]] = slice(start, start + s * (hi - lo - 1) + 1, s)
+        dst[axes[0]] = dst[axes[1]] = slice(lo, hi)
+        blk = t[tuple(src)]
+        if out is None and (lo, hi) == (0, n):  # a full block: the first term itself, no zeros
             out = blk.clone(memory_format=torch.contiguous_format)
             continue
         if out is None:
-            shape = list(t.shape)
-            shape[axes[0]] = shape[axes[1]] = n
             out = t.new_zeros(shape)
-        dst = [slice(None)] * t.dim()
-        dst[axes[0]] = dst[axes[1]] = slice(lo, hi)
         out[tuple(dst)].add_(blk)
-    if out is None:
-        shape = list(t.shape)
-        shape[axes[0]] = shape[axes[1]] = n
-        out = t.new_zeros(shape)
-    return out
+    return t.new_zeros(shape) if out is None else out
 
 
 class _ConvRule(MatmulRule):
