@@ -540,9 +540,8 @@ class _ConvRule(MatmulRule):
 
     def _gram_cost(self, module, a, g) -> int:
         """`_gram_bytes` of one use (input a, output gradient g), by the cost model above."""
-        k, s, d, (Hp, Wp), (Ho, Wo) = self._geometry(module, a)
-        if module.padding_mode == "zeros":  # _gram_aa works on the map itself
-            Hp, Wp = (1, a.shape[2]) if self.nd == 1 else a.shape[2:]
+        k, s, d, _, (Ho, Wo) = self._geometry(module, a)
+        (Hp, Wp), _ = self._gram_grid(module, a)
         T, HW = Ho * Wo, Hp * Wp
         if T <= 1:
             return 0
@@ -555,6 +554,17 @@ class _ConvRule(MatmulRule):
         n, p = module.groups, g.shape[1] // module.groups
         return 4 * n * (HW * HW + (Hp * Wo) ** 2 + 2 * T * T + T * p)
 
+    def _gram_grid(self, module, act):
+        """((H, W), (top, left)) of the pixel grid `_gram_aa` works on: with zero padding the map
+        itself, the padding left to the shift sums (zero pixels add nothing: no padded copy, and
+        (H W)^2 products instead of (Hp Wp)^2); with other modes the padded map, offsets 0."""
+        if module.padding_mode == "zeros":
+            pads = module._reversed_padding_repeated_twice
+            if self.nd == 1:
+                return (1, act.shape[2]), (0, pads[0])
+            return tuple(act.shape[2:]), (pads[2], pads[0])
+        return self._geometry(module, act)[3], (0, 0)
+
     def _gram_aa(self, module, acts, grads, rows):
         """(A A' (b, n, T, T), G (b, n, T, p)) for the samples `rows`, A A' without unfolding A.
 
@@ -564,16 +574,8 @@ class _ConvRule(MatmulRule):
         a, g = acts[0][rows], grads[0][rows]
         dt = _work_dtype(a, g)
         k, s, d, _, (Ho, Wo) = self._geometry(module, acts[0])
-        if module.padding_mode == "zeros":
-            # zero padding adds zero pixels: the Gram matrix of the map itself, and the shifts
-            # skip what falls outside it (no padded copy; (H W)^2 instead of (Hp Wp)^2 products)
-            x = _cast(a, dt)
-            pads = module._reversed_padding_repeated_twice
-            left, top = pads[0], (pads[2] if self.nd == 2 else 0)
-        else:
-            x = self._padded(module, _cast(a, dt))
-            left = top = 0
-        H, W = (1, x.shape[2]) if self.nd == 1 else x.shape[2:]
+        (H, W), (top, left) = self._gram_grid(module, a)
+        x = _cast(a, dt) if module.padding_mode == "zeros" else self._padded(module, _cast(a, dt))
         b, n = x.shape[0], module.groups
         xf = x.reshape(b, n, x.shape[1] // n, H * W)
         P = torch.matmul(xf.transpose(-1, -2), xf).view(b, n, H, W, H, W)
