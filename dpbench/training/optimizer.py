@@ -196,7 +196,7 @@ class DPOptimizer:
 
     #: independent noise streams on the CPU, each its own generator: the pieces of the noise
     #: are dealt to them by size, in parameter order, and drawn on parallel threads (torch's
-    #: CPU generator is serial, about 2.5 ns a draw: a third of a ResNet-18 step on 2 cores).
+    #: CPU generator is serial, about 2.6 ns a draw: 0.38 of a ResNet-18 step on 2 cores).
     #: A constant, so a seed gives the same noise on any number of cores.
     CPU_STREAMS = 2
 

@@ -12,7 +12,8 @@ def thread_map(fn: Callable[[Any], Any], items: Sequence, workers: int | None = 
     """`[fn(item) for item in items]` on `workers` Python threads (default
     `torch.get_num_threads()`) with one torch thread each. torch releases the GIL in its
     kernels, and the work this serves -- eigendecompositions (LAPACK's barely use a second core
-    on one matrix), many small products -- uses extra cores poorly one call at a time. Each item
+    on one matrix), many small products, the optimizer's serial noise generators -- uses extra
+    cores poorly one call at a time. Each item
     must draw from its own generators; then the result is the serial loop's, up to how float
     sums round with one BLAS thread instead of several. Serial when workers <= 1 (also inside
     another `thread_map`, where torch runs one thread)."""
